@@ -1,0 +1,1 @@
+"""Entry points that start work (in-process, torchrun, SLURM). Not built yet: see docs/ARCHITECTURE.md."""

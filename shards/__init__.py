@@ -1,0 +1,1 @@
+"""Turn an image collection into verified WebDataset shards (build, verify, manifest)."""

@@ -1,0 +1,110 @@
+"""`python -m shards.build source=<imagefolder|csv|demo> out=DIR [overrides]`
+
+Thin entry point: validate the config, then `build()` plans, writes and reports.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from tqdm import tqdm
+
+from shards import config
+from shards.config import ConfigError, ShardConfig
+from shards.manifest import load_results, summary, tally, write_manifest
+from shards.plan import ShardPlan, make_plan
+from shards.sources import collect
+from shards.writer import ShardResult, WriteOptions, write_shard
+
+log = logging.getLogger("shards.build")
+
+
+class TooManyBad(RuntimeError):
+    """More inputs were quarantined than `max_bad_fraction` allows."""
+
+
+def _clean_stale_temps(out: Path) -> None:
+    for tmp in out.glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def _write(plans: list[ShardPlan], out: Path, opts: WriteOptions, cfg: ShardConfig) -> list[ShardResult]:
+    mine = [p for i, p in enumerate(plans) if i % cfg.task_count == cfg.task_index]
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    bar = tqdm(total=sum(len(p.items) for p in mine), unit="img", disable=not show)
+    results = []
+    if cfg.workers == 1:
+        for p in mine:
+            results.append(write_shard(p, out, opts))
+            bar.update(len(p.items))
+    else:
+        with ProcessPoolExecutor(cfg.workers) as pool:
+            for p, res in zip(mine, pool.map(write_shard, mine, [out] * len(mine), [opts] * len(mine))):
+                results.append(res)
+                bar.update(len(p.items))
+    bar.close()
+    return results
+
+
+def build(cfg: ShardConfig) -> dict | None:
+    """Build (or finish building) the shard set described by `cfg`; returns `_info.json`."""
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    col = collect(cfg.source)
+    plans = make_plan(col, cfg)
+    opts = WriteOptions(tuple(col.classes), tuple(col.feature_names), cfg.resize.max_side,
+                        cfg.resize.quality, cfg.max_pixels)
+    if cfg.stage in ("all", "write"):
+        _clean_stale_temps(out)
+        done = _write(plans, out, opts, cfg)
+        skipped = sum(r.skipped for r in done)
+        log.info("task %d/%d: %d shard(s) written, %d already up to date",
+                 cfg.task_index, cfg.task_count, len(done) - skipped, skipped)
+    if cfg.stage == "write":
+        return None
+    results = load_results(plans, out)
+    t = tally(col, plans, results)
+    build_info = {"source": cfg.source.kind, "seed": cfg.seed, "split": asdict(cfg.split),
+                  "resize": asdict(cfg.resize), "max_pixels": cfg.max_pixels}
+    info = write_manifest(col, results, t, out, build_info)
+    print(summary(t))
+    for name in col.empty_classes:
+        print(f"warning: class {name!r} has no images")
+    n, q = t.total_inputs, t.total_quarantined
+    print(f"shards: {n} inputs = {n - q} written + {q} quarantined "
+          f"({100.0 * q / max(n, 1):.2f}%) in {sum(len(s['filenames']) for s in info['splits'].values())} "
+          f"shards -> {out}")
+    if n and q / n > cfg.max_bad_fraction:
+        raise TooManyBad(f"{q} of {n} inputs quarantined ({q / n:.1%}) > max_bad_fraction="
+                         f"{cfg.max_bad_fraction}: see {out / 'quarantine.tsv'}")
+    return info
+
+
+def to_config(cfg: DictConfig) -> ShardConfig:
+    """Typed and value-checked config (raises ConfigError naming the key)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key}: required, set it on the command line ({e.full_key}=...)") from None
+
+
+config.register()
+
+
+@hydra.main(config_path="../conf", config_name="shard", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        build(to_config(cfg))
+    except (ConfigError, TooManyBad, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Typed schema of `conf/shard.yaml`, validated once at start-up.
+
+Hydra type-checks overrides against these dataclasses (a misspelt key or a wrong type fails
+before any work); `__post_init__` checks the values, naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+
+
+class ConfigError(ValueError):
+    """A setting has an impossible value; the message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "imagefolder"
+    # pin the class list (one name per line); otherwise sorted class names
+    classes: str | None = None
+
+
+@dataclass
+class ImageFolderSource(SourceConfig):
+    kind: str = "imagefolder"
+    root: str = "???"
+
+
+@dataclass
+class CsvSource(SourceConfig):
+    kind: str = "csv"
+    path: str = "???"
+    # image paths in the table are relative to this folder (default: the table's folder)
+    root: str | None = None
+    path_column: str = "path"
+    label_column: str = "label"
+    split_column: str | None = None
+    # optional stable id (EcoTaxa `object_id`); the sample key is derived from it
+    key_column: str | None = None
+    feature_columns: list[str] = field(default_factory=list)
+    # None = detect from the file name and the first line
+    delimiter: str | None = None
+
+
+@dataclass
+class DemoSource(SourceConfig):
+    kind: str = "demo"
+    # where the bundled MNIST digits are written out once as PNG class folders
+    root: str = "~/.cache/taxotrain/demo-mnist"
+
+
+@dataclass
+class SplitConfig:
+    val: float = 0.1
+    test: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val < 1.0, "split.val", f"must be in [0, 1), got {self.val}")
+        _check(0.0 <= self.test < 1.0, "split.test", f"must be in [0, 1), got {self.test}")
+        _check(self.val + self.test < 1.0, "split", "val + test must leave some training data")
+
+
+@dataclass
+class ShardSizeConfig:
+    maxcount: int = 10_000
+    # bytes of encoded images per shard, before tar headers
+    maxsize: int = 1_000_000_000
+
+    def __post_init__(self) -> None:
+        _check(self.maxcount > 0, "shard.maxcount", f"must be > 0, got {self.maxcount}")
+        _check(self.maxsize > 0, "shard.maxsize", f"must be > 0, got {self.maxsize}")
+
+
+@dataclass
+class ResizeConfig:
+    # None = keep the original encoded bytes; otherwise images larger than this are re-encoded
+    max_side: int | None = None
+    quality: int = 90
+
+    def __post_init__(self) -> None:
+        _check(self.max_side is None or self.max_side > 0, "resize.max_side", "must be > 0")
+        _check(1 <= self.quality <= 100, "resize.quality", f"must be in [1, 100], got {self.quality}")
+
+
+@dataclass
+class ShardConfig:
+    source: Any = "???"
+    out: str = "???"
+    seed: int = 0
+    split: SplitConfig = field(default_factory=SplitConfig)
+    shard: ShardSizeConfig = field(default_factory=ShardSizeConfig)
+    resize: ResizeConfig = field(default_factory=ResizeConfig)
+    # images with more pixels are quarantined as decompression bombs (PIL's default limit)
+    max_pixels: int = 89_478_485
+    max_bad_fraction: float = 0.05
+    workers: int = 1
+    # SLURM array: this process writes shards with index % task_count == task_index;
+    # stage=write skips the manifest, stage=finalize only writes it.
+    task_index: int = 0
+    task_count: int = 1
+    stage: str = "all"
+    progress: bool | None = None  # None = when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
+        _check(self.max_pixels > 0, "max_pixels", "must be > 0")
+        _check(self.task_count >= 1, "task_count", "must be >= 1")
+        _check(0 <= self.task_index < self.task_count, "task_index",
+               f"must be in [0, task_count={self.task_count}), got {self.task_index}")
+        _check(self.stage in ("all", "write", "finalize"), "stage",
+               f"must be all | write | finalize, got {self.stage!r}")
+
+
+@dataclass
+class VerifyConfig:
+    dir: str = "???"
+    # also decode every image (slower); hashes and counts are always checked
+    decode: bool = False
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="shard_schema", node=ShardConfig)
+    cs.store(name="verify_schema", node=VerifyConfig)
+    cs.store(group="source", name="imagefolder_schema", node=ImageFolderSource)
+    cs.store(group="source", name="csv_schema", node=CsvSource)
+    cs.store(group="source", name="demo_schema", node=DemoSource)

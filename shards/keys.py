@@ -1,0 +1,38 @@
+"""Sample keys that survive WebDataset grouping, tar headers and every file system."""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+# ustar names are limited to 100 bytes: key + "." + the longest extension ("json") must fit
+MAX_SLUG = 60
+
+
+def slug(text: str) -> str:
+    """ASCII letters, digits, `_` and `-` only: WebDataset splits a key at its first dot."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return _UNSAFE.sub("_", ascii_text).strip("_")[:MAX_SLUG] or "x"
+
+
+def key_from_path(rel_path: str) -> str:
+    """Readable and unique: a slug of the path plus a short hash of the exact path.
+
+    The hash keeps `a b.jpg` and `a_b.jpg` (same slug) apart; the slug keeps keys traceable.
+    """
+    stem = rel_path.rsplit(".", 1)[0] if "." in rel_path.rsplit("/", 1)[-1] else rel_path
+    digest = hashlib.sha1(rel_path.encode("utf-8")).hexdigest()[:10]
+    return f"{slug(stem)}-{digest}"
+
+
+def key_from_id(object_id: str) -> str:
+    """A user-given id (e.g. EcoTaxa object_id) made safe; two ids with one slug collide on purpose
+    and are reported as duplicate keys rather than silently renamed."""
+    return slug(object_id)
+
+
+def stable_hash(*parts: object) -> int:
+    """Deterministic across processes and Python versions (unlike `hash()`)."""
+    text = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")

@@ -1,0 +1,94 @@
+"""Deterministic split and shard plan: which item goes to which split and which shard.
+
+Everything is a function of (seed, sample key), never of the listing order, so a rebuild,
+another machine, or task i of a SLURM array all compute the same plan.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+from shards.config import ShardConfig
+from shards.keys import stable_hash
+from shards.sources import SPLITS, Collection, Item
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str            # "train-000000.tar"
+    split: str
+    items: tuple[Item, ...]
+    digest: str          # changes whenever anything that shapes the shard's bytes changes
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def assign_splits(col: Collection, val: float, test: float, seed: int) -> dict[str, list[Item]]:
+    """Stratified per class unless the source gave each item its split."""
+    out: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    given = [it for it in col.items if it.split]
+    for it in given:
+        out[it.split].append(it)
+    by_class: dict[int, list[Item]] = defaultdict(list)
+    for it in col.items:
+        if not it.split:
+            by_class[it.label].append(it)
+    for members in by_class.values():
+        members.sort(key=lambda it: (stable_hash(seed, "split", it.key), it.key))
+        n_test = min(_round(len(members) * test), len(members))
+        n_val = min(_round(len(members) * val), len(members) - n_test)
+        out["test"] += members[:n_test]
+        out["val"] += members[n_test:n_test + n_val]
+        out["train"] += members[n_test + n_val:]
+    return out
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0  # missing or unreadable: the writer quarantines it
+
+
+def make_plan(col: Collection, cfg: ShardConfig) -> list[ShardPlan]:
+    splits = assign_splits(col, cfg.split.val, cfg.split.test, cfg.seed)
+    settings = json.dumps([cfg.resize.max_side, cfg.resize.quality, cfg.max_pixels,
+                           col.classes, col.feature_names])
+    plans = []
+    for split in SPLITS:
+        # WebDataset readers shuffle only inside a buffer: shuffle globally here
+        items = sorted(splits[split], key=lambda it: (stable_hash(cfg.seed, "order", it.key), it.key))
+        for index, chunk in enumerate(_chunks(items, cfg.shard.maxcount, cfg.shard.maxsize)):
+            name = f"{split}-{index:06d}.tar"
+            plans.append(ShardPlan(name, split, tuple(chunk), _digest(name, chunk, settings)))
+    return plans
+
+
+def _chunks(items: list[Item], maxcount: int, maxsize: int) -> list[list[Item]]:
+    chunks: list[list[Item]] = []
+    current: list[Item] = []
+    size = 0
+    for it in items:
+        nbytes = _size(it.path)
+        if current and (len(current) >= maxcount or size + nbytes > maxsize):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(it)
+        size += nbytes
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _digest(name: str, items: list[Item], settings: str) -> str:
+    h = hashlib.sha256(f"{name}\n{settings}\n".encode())
+    for it in items:
+        h.update(f"{it.key}\t{it.path}\t{it.label}\t{it.features}\n".encode())
+        h.update(f"{_size(it.path)}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,135 @@
+"""`python -m shards.verify dir=DIR`: check a shard set against its `_info.json`.
+
+Re-hashes every shard, counts its samples, checks its DALI index against the tar's real member
+offsets, and lists every mismatch; exits 1 on any. A truncated tar can read without error in
+WebDataset and silently lose samples: only the manifest catches it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from shards import config
+from shards.config import VerifyConfig
+from shards.manifest import INFO
+from shards.writer import sha256_file
+
+
+def _tar_members(path: Path, decode: bool, num_classes: int) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(name, data offset, size) of every member, plus problems found inside the samples."""
+    members, problems = [], []
+    with tarfile.open(path, mode="r:") as tar:
+        for m in tar:
+            if not m.isreg():
+                problems.append(f"{path.name}: member {m.name!r} is not a regular file")
+                continue
+            members.append((m.name, m.offset_data, m.size))
+            ext = m.name.split(".", 1)[1] if "." in m.name else ""
+            if ext == "cls":
+                label = tar.extractfile(m).read()
+                if not label.isdigit() or int(label) >= num_classes:
+                    problems.append(f"{path.name}: {m.name} holds {label[:20]!r}, not a class index")
+            elif decode and ext in config.IMAGE_EXTENSIONS:
+                from PIL import Image
+                try:
+                    with Image.open(io.BytesIO(tar.extractfile(m).read())) as im:
+                        im.load()
+                except Exception as e:  # noqa: BLE001 - any decoder failure is a finding
+                    problems.append(f"{path.name}: {m.name} does not decode: {e}")
+    return members, problems
+
+
+def _index_entries(path: Path) -> tuple[int, list[tuple[str, int, int]]]:
+    lines = path.read_text().splitlines()
+    version, count = lines[0].split()
+    if version != "v1.2":
+        raise ValueError(f"unknown index version {version!r}")
+    entries = []
+    for line in lines[1:]:
+        fields = line.split()
+        entries += [(fields[i + 3], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)]
+    return int(count), entries
+
+
+def verify_shard(root: Path, entry: dict, decode: bool, num_classes: int) -> list[str]:
+    name = entry["filename"]
+    path = root / name
+    if not path.exists():
+        return [f"{name}: missing"]
+    problems = []
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
+    if sha256_file(path) != entry["sha256"]:
+        problems.append(f"{name}: sha256 differs from the manifest")
+    try:
+        members, inner = _tar_members(path, decode, num_classes)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return problems + [f"{name}: unreadable tar: {e}"]
+    problems += inner
+    keys = {m[0].split(".", 1)[0] for m in members}
+    if len(keys) != entry["num_samples"]:
+        problems.append(f"{name}: {len(keys)} samples, manifest says {entry['num_samples']}")
+    problems += _check_index(root / entry["index"], members, len(keys))
+    return problems
+
+
+def _check_index(path: Path, members: list[tuple[str, int, int]], num_keys: int) -> list[str]:
+    if not path.exists():
+        return [f"{path.name}: index file missing"]
+    try:
+        count, entries = _index_entries(path)
+    except (ValueError, IndexError) as e:
+        return [f"{path.name}: malformed index: {e}"]
+    problems = []
+    if count != num_keys:
+        problems.append(f"{path.name}: index lists {count} samples, the tar holds {num_keys}")
+    if sorted(entries) != sorted(members):
+        problems.append(f"{path.name}: index offsets or sizes disagree with the tar")
+    return problems
+
+
+def verify(root: Path, decode: bool = False) -> list[str]:
+    """Every mismatch between the shard set in `root` and its manifest (empty when sound)."""
+    info_path = root / INFO
+    if not info_path.exists():
+        return [f"{info_path}: missing (the build did not finish)"]
+    info = json.loads(info_path.read_text())
+    problems, listed = [], set()
+    for split in info["splits"].values():
+        lengths = dict(zip(split["filenames"], split["shard_lengths"]))
+        for entry in split["shards"]:
+            listed.add(entry["filename"])
+            if lengths.get(entry["filename"]) != entry["num_samples"]:
+                problems.append(f"{entry['filename']}: shard_lengths and shards disagree")
+            problems += verify_shard(root, entry, decode, info["num_classes"])
+    problems += [f"{p.name}: shard not in the manifest" for p in sorted(root.glob("*.tar"))
+                 if p.name not in listed]
+    return problems
+
+
+config.register()
+
+
+@hydra.main(config_path="../conf", config_name="verify", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    vc: VerifyConfig = OmegaConf.to_object(cfg)
+    root = Path(vc.dir).expanduser()
+    problems = verify(root, vc.decode)
+    for p in problems:
+        print(f"MISMATCH {p}")
+    info = json.loads((root / INFO).read_text()) if (root / INFO).exists() else {"splits": {}}
+    shards = sum(len(s["filenames"]) for s in info["splits"].values())
+    samples = sum(s["num_samples"] for s in info["splits"].values())
+    print(f"verify: {shards} shards, {samples} samples, {len(problems)} problem(s) in {root}")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Write one shard: a plain ustar tar, its DALI index, and a sidecar with its result.
+
+A shard is written as `.NAME.tmp-PID`, fsynced and renamed, so an interrupted build never leaves
+a file that looks complete. The sidecar (`_parts/NAME.json`) lets a re-run skip shards whose
+bytes still match and lets the final step write the manifest without re-reading the shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shards.images import BadImage, prepare
+from shards.plan import ShardPlan
+from shards.sources import Reject
+
+# 2000-01-01T00:00:00Z: a fixed time (and owner) makes rebuilds byte-identical
+MTIME = 946684800
+PARTS = "_parts"
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    classes: tuple[str, ...]
+    feature_names: tuple[str, ...]
+    max_side: int | None
+    quality: int
+    max_pixels: int
+
+
+@dataclass
+class ShardResult:
+    name: str
+    split: str
+    plan: str
+    num_samples: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    class_counts: dict[str, int] = field(default_factory=dict)
+    rejects: list[list[str]] = field(default_factory=list)   # Reject fields
+    notes: list[list[str]] = field(default_factory=list)     # [path, what changed]
+    skipped: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> ShardResult:
+        return cls(**json.loads(path.read_text()))
+
+
+def index_name(shard_name: str) -> str:
+    return shard_name[: -len(".tar")] + ".idx"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, MTIME, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _metadata(item, opts: WriteOptions, ext: str) -> bytes:
+    meta = {"class": opts.classes[item.label], "path": item.rel, "image": ext}
+    if opts.feature_names:
+        # NaN is not JSON: an unmeasured feature is null
+        meta["features"] = {n: (None if math.isnan(v) else v)
+                            for n, v in zip(opts.feature_names, item.features)}
+    return json.dumps(meta, sort_keys=True, ensure_ascii=True).encode()
+
+
+def _up_to_date(plan: ShardPlan, out: Path) -> ShardResult | None:
+    side = out / PARTS / f"{plan.name}.json"
+    if not side.exists():
+        return None
+    try:
+        old = ShardResult.load(side)
+    except (ValueError, TypeError):
+        return None
+    if old.plan != plan.digest:
+        return None
+    if old.num_samples == 0:
+        return old
+    shard = out / plan.name
+    if not (shard.exists() and (out / index_name(plan.name)).exists()):
+        return None
+    return old if sha256_file(shard) == old.sha256 else None
+
+
+def write_shard(plan: ShardPlan, out: Path, opts: WriteOptions) -> ShardResult:
+    done = _up_to_date(plan, out)
+    if done is not None:
+        done.skipped = True
+        return done
+    result = ShardResult(plan.name, plan.split, plan.digest)
+    tmp = out / f".{plan.name}.tmp-{os.getpid()}"
+    index_lines = []
+    with tmp.open("wb") as fh:
+        # ustar, not PAX: DALI's reader once failed on PAX headers (DALI #3640)
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for item in plan.items:
+                members = _sample_members(item, plan.split, opts, result)
+                if not members:
+                    continue
+                parts = []
+                for name, data in members:
+                    # one 512-byte header per member (short ASCII names): data follows it
+                    parts.append(f"{name.split('.', 1)[1]} {tar.offset + 512} {len(data)} {name}")
+                    tar.addfile(_member(name, len(data)), io.BytesIO(data))
+                index_lines.append(" ".join(parts))
+        fh.flush()
+        os.fsync(fh.fileno())
+    _publish(plan.name, tmp, index_lines, out, result)
+    return result
+
+
+def _sample_members(item, split: str, opts: WriteOptions, result: ShardResult):
+    cls_name = opts.classes[item.label]
+    try:
+        data = Path(item.path).read_bytes()
+        enc = prepare(data, item.rel, opts.max_side, opts.quality, opts.max_pixels)
+    except (OSError, BadImage) as e:
+        reason = str(e) if isinstance(e, BadImage) else f"unreadable file: {e.strerror or e}"
+        result.rejects.append(list(asdict(Reject(item.rel, split, cls_name, reason)).values()))
+        return None
+    if enc.note:
+        result.notes.append([item.rel, enc.note])
+    result.num_samples += 1
+    result.class_counts[cls_name] = result.class_counts.get(cls_name, 0) + 1
+    return [(f"{item.key}.{enc.ext}", enc.data),
+            (f"{item.key}.cls", str(item.label).encode()),
+            (f"{item.key}.json", _metadata(item, opts, enc.ext))]
+
+
+def _publish(name: str, tmp: Path, index_lines: list[str], out: Path, result: ShardResult) -> None:
+    shard, index = out / name, out / index_name(name)
+    if result.num_samples == 0:
+        # every input was quarantined: no empty shard for readers to trip over
+        tmp.unlink()
+        shard.unlink(missing_ok=True)
+        index.unlink(missing_ok=True)
+    else:
+        # DALI index v1.2, the format of DALI's wds2idx: "ext offset size name" per member
+        text = f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n"
+        atomic_write(index, text.encode())
+        result.bytes = tmp.stat().st_size
+        result.sha256 = sha256_file(tmp)
+        os.replace(tmp, shard)
+    (out / PARTS).mkdir(exist_ok=True)
+    atomic_write(out / PARTS / f"{name}.json", json.dumps(asdict(result), indent=1).encode())
