@@ -63,7 +63,8 @@ def prepare(data: bytes, name: str, max_side: int | None, quality: int,
     """Return what to store for one input file, or raise BadImage with the reason."""
     if not data:
         raise BadImage("empty file (0 bytes)")
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # PIL's own bomb limit is process-global: follow max_pixels here, restore it for the caller
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -82,6 +83,8 @@ def prepare(data: bytes, name: str, max_side: int | None, quality: int,
         if isinstance(e, BadImage):
             raise
         raise BadImage(f"corrupt or truncated image: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _choose(im: Image.Image, data: bytes, name: str, max_side: int | None,

@@ -84,7 +84,8 @@ def from_imagefolder(cfg: ImageFolderSource) -> Collection:
     if not root.is_dir():
         raise ConfigError(f"source.root: {root} is not a directory")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
-    stray = sorted(f.name for f in root.iterdir() if f.is_file() and not _hidden(f.name))
+    # not is_dir(): a dangling symlink is a lost input too, and must be reported
+    stray = sorted(f.name for f in root.iterdir() if not f.is_dir() and not _hidden(f.name))
     classes = read_class_list(cfg.classes) if cfg.classes else found
     rejects = [Reject(str(root / f), "", "", "file outside any class folder") for f in stray]
     rejects += [Reject(str(root / d), "", d, f"class folder not in {cfg.classes}")
@@ -151,7 +152,7 @@ def _rows_to_collection(cfg: CsvSource, table: Path, root: Path, rows: list, pin
             raw = (row.get(cfg.split_column) or "").strip().lower()
             split = SPLIT_ALIASES.get(raw, "")
             if not split:
-                rejects.append(Reject(origin, raw, label, f"split {raw!r} is not train/val/test"))
+                rejects.append(Reject(origin, "", label, f"split {raw!r} is not train/val/test"))
                 continue
         problem = _row_problem(rel, label, pinned, cfg)
         features, feat_problem = _features(row, cfg.feature_columns)
@@ -192,9 +193,12 @@ def _features(row: dict, columns: list[str]) -> tuple[tuple[float, ...], str]:
             values.append(math.nan)  # EcoTaxa leaves unmeasured features empty
             continue
         try:
-            values.append(float(raw))
+            value = float(raw)
         except ValueError:
             return (), f"feature {col!r} is not a number: {raw!r}"
+        if not math.isfinite(value):
+            return (), f"feature {col!r} is not finite: {raw!r}"
+        values.append(value)
     return tuple(values), ""
 
 

@@ -86,7 +86,7 @@ def _metadata(item, opts: WriteOptions, ext: str) -> bytes:
         # NaN is not JSON: an unmeasured feature is null
         meta["features"] = {n: (None if math.isnan(v) else v)
                             for n, v in zip(opts.feature_names, item.features)}
-    return json.dumps(meta, sort_keys=True, ensure_ascii=True).encode()
+    return json.dumps(meta, sort_keys=True, ensure_ascii=True, allow_nan=False).encode()
 
 
 def _up_to_date(plan: ShardPlan, out: Path) -> ShardResult | None:
