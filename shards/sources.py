@@ -33,7 +33,7 @@ class Item:
 
 @dataclass(frozen=True)
 class Reject:
-    origin: str        # the file, or "table:line"
+    origin: str        # the path as the collection names it, or "table:line" without one
     split: str         # "" when not known
     cls: str           # "" when not known
     reason: str
@@ -87,9 +87,10 @@ def from_imagefolder(cfg: ImageFolderSource) -> Collection:
     # not is_dir(): a dangling symlink is a lost input too, and must be reported
     stray = sorted(f.name for f in root.iterdir() if not f.is_dir() and not _hidden(f.name))
     classes = read_class_list(cfg.classes) if cfg.classes else found
-    rejects = [Reject(str(root / f), "", "", "file outside any class folder") for f in stray]
-    rejects += [Reject(str(root / d), "", d, f"class folder not in {cfg.classes}")
-                for d in found if d not in classes]
+    rejects = [Reject(f, "", "", "file outside any class folder") for f in stray]
+    # each file of an unlisted class folder is an input of its own, so each is reported
+    rejects += [Reject(f.relative_to(root).as_posix(), "", d, f"class {d!r} not in {cfg.classes}")
+                for d in found if d not in classes for f in _walk(root / d)]
     items: list[Item] = []
     empty: list[str] = []
     for label, name in enumerate(classes):
@@ -158,7 +159,7 @@ def _rows_to_collection(cfg: CsvSource, table: Path, root: Path, rows: list, pin
         features, feat_problem = _features(row, cfg.feature_columns)
         problem = problem or feat_problem
         if problem:
-            rejects.append(Reject(rel and str(root / rel) or origin, split, label, problem))
+            rejects.append(Reject(rel or origin, split, label, f"{problem} ({table.name}:{line})"))
             continue
         parsed.append((rel, label, split or None, features, row))
     classes = pinned or sorted({p[1] for p in parsed})

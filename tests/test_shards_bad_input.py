@@ -488,7 +488,7 @@ def test_csv_bad_rows_are_quarantined_with_reasons(tmp_path):
     bad = quarantine_by_path(tmp_path / "out")
     missing_path = [p for p, r in bad.items() if "missing path" in r["reason"]]
     assert missing_path == [f"{table}:5"]
-    assert bad[str(imgs / "g4.jpg")]["class"] == "wasp"
+    assert bad["g4.jpg"]["class"] == "wasp" and "meta.csv:" in bad["g4.jpg"]["reason"]
     nowhere = next(r for p, r in bad.items() if p.endswith("nowhere.jpg"))
     assert "unreadable" in nowhere["reason"] and nowhere["split"] == "test" and nowhere["class"] == "bee"
     stored = by_path(read_samples(tmp_path / "out"))
@@ -669,3 +669,21 @@ def test_dangling_symlink_at_the_root_is_quarantined_not_lost(tmp_path):
     assert (info["inputs"], info["quarantined"]) == (2, 1)
     rows = list(quarantine_by_path(tmp_path / "out").values())
     assert "outside any class folder" in rows[0]["reason"]
+
+
+def test_pinned_class_list_reports_each_file_of_an_unlisted_folder(tmp_path):
+    root = tmp_path / "images"
+    for cls in ("ant", "bee", "detritus"):
+        for i in range(2):
+            save_image(root / cls / f"{i}.jpg", seed=i)
+    pinned = tmp_path / "classes.txt"
+    pinned.write_text("bee\nant\nwasp\n")
+    info = run_build(tmp_path / "out", ImageFolderSource(root=str(root), classes=str(pinned)),
+                     max_bad_fraction=1.0, split=NO_SPLIT)
+    assert_reconciled(tmp_path / "out", info)
+    assert info["classes"] == ["bee", "ant", "wasp"] and info["empty_classes"] == ["wasp"]
+    assert (info["inputs"], info["quarantined"]) == (6, 2)
+    bad = quarantine_by_path(tmp_path / "out")
+    assert sorted(bad) == ["detritus/0.jpg", "detritus/1.jpg"]
+    labels = {s.meta["path"]: s.label for s in read_samples(tmp_path / "out").values()}
+    assert labels == {"ant/0.jpg": 1, "ant/1.jpg": 1, "bee/0.jpg": 0, "bee/1.jpg": 0}
