@@ -687,3 +687,15 @@ def test_pinned_class_list_reports_each_file_of_an_unlisted_folder(tmp_path):
     assert sorted(bad) == ["detritus/0.jpg", "detritus/1.jpg"]
     labels = {s.meta["path"]: s.label for s in read_samples(tmp_path / "out").values()}
     assert labels == {"ant/0.jpg": 1, "ant/1.jpg": 1, "bee/0.jpg": 0, "bee/1.jpg": 0}
+
+
+def test_resize_of_a_large_jpeg_gives_exactly_max_side_and_names_the_original_size(tmp_path):
+    root = tmp_path / "images"
+    save_image(root / "ant" / "big.jpg", size=(512, 384), seed=3, quality=95)
+    save_image(root / "ant" / "small.jpg", size=(40, 30), seed=4, quality=95)
+    info = run_build(tmp_path / "out", folder(root), resize=ResizeConfig(max_side=64), split=NO_SPLIT)
+    assert_reconciled(tmp_path / "out", info)
+    stored = by_path(read_samples(tmp_path / "out"))
+    assert stored["ant/big.jpg"].decode().size == (64, 48)
+    assert stored["ant/small.jpg"].image == (root / "ant" / "small.jpg").read_bytes()
+    assert "resized from 512x384" in corrections(tmp_path / "out")["ant/big.jpg"]
