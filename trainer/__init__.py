@@ -1,1 +1,1 @@
-"""DDP training from shards (Goyal et al. 2017 recipe). Not built yet: see docs/ARCHITECTURE.md."""
+"""DDP training from shards (Goyal et al. 2017 recipe): building blocks so far, see docs/ARCHITECTURE.md."""
