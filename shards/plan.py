@@ -64,18 +64,20 @@ def make_plan(col: Collection, cfg: ShardConfig) -> list[ShardPlan]:
     for split in SPLITS:
         # WebDataset readers shuffle only inside a buffer: shuffle globally here
         items = sorted(splits[split], key=lambda it: (stable_hash(cfg.seed, "order", it.key), it.key))
-        for index, chunk in enumerate(_chunks(items, cfg.shard.maxcount, cfg.shard.maxsize)):
+        # one stat per file: it both cuts the shards and enters their digests
+        sizes = {it.key: _size(it.path) for it in items}
+        for index, chunk in enumerate(_chunks(items, sizes, cfg.shard.maxcount, cfg.shard.maxsize)):
             name = f"{split}-{index:06d}.tar"
-            plans.append(ShardPlan(name, split, tuple(chunk), _digest(name, chunk, settings)))
+            plans.append(ShardPlan(name, split, tuple(chunk), _digest(name, chunk, sizes, settings)))
     return plans
 
 
-def _chunks(items: list[Item], maxcount: int, maxsize: int) -> list[list[Item]]:
+def _chunks(items: list[Item], sizes: dict[str, int], maxcount: int, maxsize: int) -> list[list[Item]]:
     chunks: list[list[Item]] = []
     current: list[Item] = []
     size = 0
     for it in items:
-        nbytes = _size(it.path)
+        nbytes = sizes[it.key]
         if current and (len(current) >= maxcount or size + nbytes > maxsize):
             chunks.append(current)
             current, size = [], 0
@@ -86,9 +88,9 @@ def _chunks(items: list[Item], maxcount: int, maxsize: int) -> list[list[Item]]:
     return chunks
 
 
-def _digest(name: str, items: list[Item], settings: str) -> str:
+def _digest(name: str, items: list[Item], sizes: dict[str, int], settings: str) -> str:
     h = hashlib.sha256(f"{name}\n{settings}\n".encode())
     for it in items:
         h.update(f"{it.key}\t{it.path}\t{it.label}\t{it.features}\n".encode())
-        h.update(f"{_size(it.path)}\n".encode())
+        h.update(f"{sizes[it.key]}\n".encode())
     return h.hexdigest()
