@@ -53,9 +53,15 @@ class MetricState:
             raise ValueError(f"targets must lie in [0, {self.num_classes})")
 
     @torch.no_grad()
-    def update(self, logits: Tensor, targets: Tensor, loss_sum: Tensor | float | None = None) -> None:
-        """Add one batch. `loss_sum` is the batch's summed (not mean) loss; default: cross-entropy."""
-        self._check_batch(logits, targets)
+    def update(self, logits: Tensor, targets: Tensor, loss_sum: Tensor | float | None = None,
+               check: bool = True) -> None:
+        """Add one batch. `loss_sum` is the batch's summed (not mean) loss; default: cross-entropy.
+
+        `check=False` skips the label range check and its host sync, for the training loop whose
+        labels the loader has already validated.
+        """
+        if check:
+            self._check_batch(logits, targets)
         logits, targets = logits.detach(), targets.to(device=logits.device, dtype=torch.int64)
         if loss_sum is None:
             loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")

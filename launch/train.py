@@ -1,0 +1,61 @@
+"""`python -m launch.train data.shards=DIR run_dir=DIR`: in-process, torchrun, or one srun task per rank.
+
+Exit codes: 0 finished; 75 (`EXIT_PREEMPTED`) stopped by a signal or `trainer.stop_at_step` with a
+checkpoint written (run the same command again to continue); 1 failed; 2 bad configuration or data.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from shards.config import ConfigError
+from trainer import config as schema
+from trainer import distributed
+from trainer.distributed import DistEnvError
+from trainer.model import ModelError
+from trainer.shardset import ShardSetError
+
+log = logging.getLogger("launch.train")
+EXIT_FAILED, EXIT_USAGE = 1, 2
+USAGE_ERRORS = (ConfigError, DistEnvError, ModelError, ShardSetError)
+
+schema.register()
+
+
+def run(cfg: schema.TrainConfig) -> int:
+    from trainer.data import DataError  # heavy imports after the config is known to be valid
+    from trainer.loop import Trainer
+
+    env = distributed.detect()
+    if env.rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank speaks; the others only warn
+    trainer, code = None, EXIT_FAILED
+    try:
+        trainer = Trainer(cfg, env)
+        code = trainer.fit()
+    except (*USAGE_ERRORS, DataError) as err:
+        log.error("%s", err)
+        code = EXIT_USAGE if isinstance(err, USAGE_ERRORS) else EXIT_FAILED
+    finally:
+        if trainer is not None:
+            trainer.close(code)
+        else:
+            distributed.cleanup()
+    return code
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    try:
+        cfg = OmegaConf.to_object(raw)  # runs every __post_init__ check before any work
+    except ConfigError as err:
+        log.error("%s", err)
+        sys.exit(EXIT_USAGE)
+    sys.exit(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

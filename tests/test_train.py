@@ -1,0 +1,256 @@
+"""The trainer end to end on CPU: resume parity, the preemption path, a dead rank, DDP over uneven
+shards, and what reaches the run directory. Multi-process tests really spawn gloo ranks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from train_fixtures import write_shardset
+
+from trainer import rng
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv
+from trainer.loop import Trainer
+from trainer.preempt import EXIT_PREEMPTED
+from trainer.schedule import WarmupCosine
+
+REPO = Path(__file__).resolve().parents[1]
+UNEVEN = {"train": [37, 5, 22, 3, 30, 11, 2, 19], "val": [13, 4, 9]}
+# mobilenet_v3_small has dropout: the RNG restore matters, which the control test shows
+SMALL = ["model.name=mobilenet_v3_small", "data.crop_size=16", "data.scale=[0.5,1.0]", "loader.batch_size=4",
+         "optim.base_lr=0.05", "schedule.warmup_epochs=0.5", "logger.mode=disabled", "trainer.log_every=2",
+         "loader.pin_memory=false"]
+SECRET = "taxotrain-fake-secret-0451"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shardset(tmp_path_factory.mktemp("shards"), UNEVEN)
+
+
+def config(shards: Path, run_dir: Path, *overrides: str) -> TrainConfig:
+    base = OmegaConf.structured(TrainConfig)
+    dots = [f"data.shards={shards}", f"run_dir={run_dir}", *SMALL, *overrides]
+    return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist(dots)))
+
+
+def train(cfg: TrainConfig) -> int:
+    trainer = Trainer(cfg, DistEnv(0, 0, 1, 1, "127.0.0.1", 1, "single"))
+    code = 1
+    try:
+        code = trainer.fit()
+    finally:
+        trainer.close(code)
+    return code
+
+
+def final_state(run_dir: Path) -> dict:
+    files = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    return torch.load(files[-1], map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pid, sa in a["optimizer"]["state"].items():
+        assert torch.equal(sa["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"]), pid
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- in-process
+
+
+def test_resume_mid_epoch_is_bitwise_equal_to_uninterrupted(shards, tmp_path):
+    # 129 samples / batch 4 -> 32 steps per epoch: stop inside epoch 0 (step 13), finish in epoch 1
+    common = ["trainer.max_steps=40", "loader.workers=2"]
+    assert train(config(shards, tmp_path / "a", *common)) == 0
+    assert train(config(shards, tmp_path / "b", *common, "trainer.stop_at_step=13")) == EXIT_PREEMPTED
+    assert final_state(tmp_path / "b")["step"] == 13
+    assert train(config(shards, tmp_path / "b", *common, "trainer.stop_at_step=13")) == 0
+    assert_same_training_state(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+
+
+def test_control_resume_without_rng_restore_differs(shards, tmp_path, monkeypatch):
+    """Shows the parity test can fail: skip restoring the RNG states and dropout draws differ."""
+    common = ["trainer.max_steps=20", "loader.workers=0"]
+    assert train(config(shards, tmp_path / "a", *common)) == 0
+    assert train(config(shards, tmp_path / "b", *common, "trainer.stop_at_step=7")) == EXIT_PREEMPTED
+    monkeypatch.setattr(rng, "restore", lambda state, generator=None: None)
+    assert train(config(shards, tmp_path / "b", *common, "trainer.stop_at_step=7")) == 0
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert a["step"] == b["step"] == 20
+    assert not all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_lr_follows_linear_scaling_and_warmup(shards, tmp_path):
+    cfg = config(shards, tmp_path / "r", "trainer.max_steps=24", "optim.accum_steps=2",
+                 "schedule.warmup_epochs=0.5", "optim.base_lr=0.4", "optim.base_batch=32", "loader.workers=0")
+    assert train(cfg) == 0
+    # global batch 4 x 1 rank x 2 accumulation = 8: lr = 0.4 x 8 / 32 = 0.1; 16 steps per epoch
+    peak, steps_per_epoch = 0.4 * 8 / 32, 129 // 8
+    warmup = round(0.5 * steps_per_epoch)
+    fn = WarmupCosine(total_steps=24, warmup_steps=warmup, start_factor=1.0)
+    train_lines = [m for m in metrics(tmp_path / "r") if m["split"] == "train" and "lr" in m]
+    assert [m["step"] for m in train_lines] == list(range(2, 25, 2))
+    for m in train_lines:
+        assert m["lr"] == pytest.approx(peak * fn(m["step"]), rel=1e-12)
+    recipe = final_state(tmp_path / "r")["recipe"]
+    assert recipe["global_batch"] == 8 and recipe["lr"] == pytest.approx(peak)
+    assert recipe["steps_per_epoch"] == steps_per_epoch and recipe["warmup_steps"] == warmup
+
+
+def test_run_dir_holds_provenance_checkpoints_and_metrics(shards, tmp_path):
+    run = tmp_path / "r"
+    assert train(config(shards, run, "trainer.max_steps=8", "loader.workers=0")) == 0
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "provenance", "metrics.jsonl", "checkpoints"} <= names
+    start = json.loads(next((run / "provenance").glob("start-*.json")).read_text())
+    assert {"git", "packages", "argv", "env"} <= set(start)
+    val = [m for m in metrics(run) if m["split"] == "val"]
+    assert val and val[-1]["n"] == sum(UNEVEN["val"])
+    wanted = {"loss", "top1", "top5", "mrr", "balanced_acc", "per_class_recall", "step", "epoch"}
+    assert wanted <= set(val[-1])
+    state = final_state(run)  # loads with weights_only=True
+    assert state["classes"] == ["ant", "bee", "cat"]
+    assert state["config"]["model"]["name"] == "mobilenet_v3_small"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_misspelt_key_and_bad_value_fail_before_work(shards, tmp_path):
+    bad_key = cli(f"data.shards={shards}", f"run_dir={tmp_path}/r", "optim.base_lrr=0.1")
+    assert bad_key.returncode != 0 and "base_lrr" in bad_key.stderr
+    bad_value = cli(f"data.shards={shards}", f"run_dir={tmp_path}/r", "loader.batch_size=0")
+    assert bad_value.returncode == 2 and "loader.batch_size" in bad_value.stderr + bad_value.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_shard_disagreeing_with_manifest_is_named_before_training(tmp_path):
+    root = write_shardset(tmp_path / "s", UNEVEN)
+    blob = bytearray((root / "train-000004.tar").read_bytes())
+    blob[1000] ^= 0xFF
+    (root / "train-000004.tar").write_bytes(bytes(blob))
+    done = cli(f"data.shards={root}", f"run_dir={tmp_path}/r", *SMALL, "trainer.max_steps=2")
+    assert done.returncode == 2
+    assert "train-000004.tar: sha256" in done.stdout + done.stderr
+    assert not list((tmp_path / "r").glob("checkpoints/*.pt"))
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(args: list[str], world: int = 2, extra_env: dict | None = None) -> list[subprocess.Popen]:
+    """One process per rank with torchrun's variables, as srun would start them (no agent in between)."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               **(extra_env or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch.train", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"ranks still running after {timeout}s: {[q.stdout.read()[-2000:] for q in procs]}")
+    return codes
+
+
+def wait_for_metrics(run_dir: Path, procs: list[subprocess.Popen], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip():
+            return
+        if any(p.poll() is not None for p in procs):
+            out = [p.stdout.read()[-2000:] for p in procs if p.poll() is not None]
+            pytest.fail(f"a rank exited early: {out}")
+        time.sleep(0.2)
+    pytest.fail("no metrics line in time")
+
+
+def test_torchrun_two_ranks_uneven_shards_resume_equals_uninterrupted_and_keeps_secrets(shards, tmp_path):
+    def torchrun(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        args = [f"data.shards={shards}", f"run_dir={run_dir}", *SMALL, "loader.workers=2",
+                "trainer.max_steps=20", "trainer.dist_timeout_s=30", *extra]
+        env = {**os.environ, "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"}
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                   f"--master_port={free_port()}", "-m", "launch.train", *args]
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+    whole = torchrun(tmp_path / "a", "logger.mode=offline")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    # 129 samples, 2 ranks x batch 4 -> 16 steps per epoch on both ranks; stop inside epoch 0
+    first = torchrun(tmp_path / "b", "trainer.stop_at_step=11")
+    assert first.returncode != 0 and "exitcode  : 75" in first.stderr  # torchrun reports a worker's 75
+    again = torchrun(tmp_path / "b", "trainer.stop_at_step=11")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_training_state(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+    val = [m for m in metrics(tmp_path / "a") if m["split"] == "val"]
+    assert [m["n"] for m in val] == [sum(UNEVEN["val"])] * 2  # every sample once across both ranks, 2 epochs
+    assert list((tmp_path / "a" / "wandb").glob("offline-run-*"))
+    for path in (tmp_path / "a").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_preemption_signal_to_one_rank_stops_both_with_checkpoint_then_resumes(shards, tmp_path):
+    run = tmp_path / "r"
+    args = [f"data.shards={shards}", f"run_dir={run}", *SMALL, "loader.workers=1", "trainer.log_every=1",
+            "trainer.max_steps=200", "trainer.dist_timeout_s=30"]
+    procs = spawn_ranks(args)
+    wait_for_metrics(run, procs)
+    procs[0].send_signal(signal.SIGUSR2)  # rank 0 only: the agreement stops rank 1 too
+    assert wait_all(procs, 60) == [EXIT_PREEMPTED, EXIT_PREEMPTED]
+    stopped = final_state(run)["step"]
+    assert 0 < stopped < 200
+    procs = spawn_ranks(args[:-2] + [f"trainer.max_steps={stopped + 3}", "trainer.dist_timeout_s=30"])
+    assert wait_all(procs, 120) == [0, 0]
+    assert final_state(run)["step"] == stopped + 3
+    steps = [m["step"] for m in metrics(run) if m["split"] == "train" and "lr" in m]
+    assert steps[-1] == stopped + 3
+
+
+def test_dead_rank_makes_the_other_exit_with_an_error_within_the_timeout(shards, tmp_path):
+    run = tmp_path / "r"
+    args = [f"data.shards={shards}", f"run_dir={run}", *SMALL, "loader.workers=0", "trainer.log_every=1",
+            "trainer.max_steps=100000", "trainer.epochs=1000", "trainer.dist_timeout_s=10"]
+    procs = spawn_ranks(args)
+    wait_for_metrics(run, procs)
+    procs[1].kill()
+    killed_at = time.monotonic()
+    code = procs[0].wait(timeout=60)
+    assert code not in (0, EXIT_PREEMPTED)
+    assert time.monotonic() - killed_at < 10 + 15

@@ -1,0 +1,71 @@
+"""Tiny shard sets with deliberately uneven shard sizes, written directly (no shards.build run).
+
+Images are 16x16 PNGs whose mean colour encodes the class, so a model can learn them a little.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import encode_png
+
+CLASSES = ("ant", "bee", "cat")
+
+
+def png(label: int, seed: int, size: int = 16) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 96, (3, size, size), dtype=np.uint8)
+    image[label] += 120  # one channel brighter per class
+    return encode_png(torch.from_numpy(image)).numpy().tobytes()
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 946684800
+                tar.addfile(info, io.BytesIO(data))
+
+
+Corrupt = dict[tuple[str, int], list[int]]
+
+
+def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | None = None,
+                   image_size: int = 16) -> Path:
+    """Shards `{split}-{i:06d}.tar` with the given sample counts and an `_info.json` like shards.build's.
+
+    `corrupt[(split, shard)]` lists sample positions whose PNG bytes are cut in half.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    corrupt = corrupt or {}
+    splits, serial = {}, 0
+    for split, counts in sizes.items():
+        entries = []
+        for i, count in enumerate(counts):
+            samples = []
+            for j in range(count):
+                label = serial % len(CLASSES)
+                data = png(label, serial, image_size)
+                if j in corrupt.get((split, i), []):
+                    data = data[: len(data) // 2]
+                key = f"{split}{i}_{j:04d}-{serial:06d}"
+                samples.append((key, {"png": data, "cls": str(label).encode()}))
+                serial += 1
+            name = f"{split}-{i:06d}.tar"
+            write_shard(root / name, samples)
+            blob = (root / name).read_bytes()
+            entries.append({"filename": name, "num_samples": count, "bytes": len(blob),
+                            "sha256": hashlib.sha256(blob).hexdigest()})
+        splits[split] = {"name": split, "num_samples": sum(counts),
+                         "filenames": [e["filename"] for e in entries],
+                         "shard_lengths": counts, "shards": entries}
+    info = {"format": "taxotrain-shards/1", "classes": list(CLASSES), "num_classes": len(CLASSES),
+            "splits": splits}
+    (root / "_info.json").write_text(json.dumps(info, indent=1))
+    return root

@@ -1,0 +1,192 @@
+"""Typed schema of `conf/train.yaml`, checked once at start-up (`TrainConfig.validate` via `to_object`).
+
+Hydra type-checks overrides against these dataclasses, so a misspelt key or a wrong type fails
+before any work; `__post_init__` checks values and names the key. There is deliberately no field
+for a W&B key or any other secret: W&B reads `WANDB_API_KEY` from the environment, and a secret in
+the config would be written to `config.yaml` and sent to W&B with the run's config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from shards.config import ConfigError
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, f"must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "???"
+    backend: str = "webdataset"     # webdataset | synthetic
+    train_split: str = "train"
+    val_split: str | None = "val"   # null: no validation
+    check: str = "sha256"           # compare shards with the manifest before training: sha256 | size | off
+    crop_size: int = 224
+    eval_crop_ratio: float = 0.875  # eval resizes to crop_size / ratio, then centre-crops (224/256)
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.5
+    augment: str = "none"           # none | trivialaugment | colorjitter
+    color_jitter: float = 0.4
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    shuffle_buffer: int = 1000      # samples per reader; larger mixes shards better, costs memory
+    max_bad_fraction: float = 0.01  # per shard: more undecodable samples than this stops the run
+    synthetic_samples: int = 1_281_167  # synthetic backend: "dataset" size (ImageNet-1k train)
+    synthetic_classes: int = 1000
+
+    def __post_init__(self) -> None:
+        _one_of(self.backend, "data.backend", ("webdataset", "synthetic"))
+        _one_of(self.check, "data.check", ("sha256", "size", "off"))
+        _one_of(self.augment, "data.augment", ("none", "trivialaugment", "colorjitter"))
+        _check(self.crop_size > 0, "data.crop_size", "must be > 0")
+        _check(0 < self.eval_crop_ratio <= 1, "data.eval_crop_ratio", "must be in (0, 1]")
+        _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "data.scale",
+               "must be [low, high] with 0 < low <= high <= 1")
+        _check(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
+        _check(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "data.mean/std",
+               "need 3 values each, std > 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        _check(0 <= self.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
+        _check(self.synthetic_samples > 0 and self.synthetic_classes > 0, "data.synthetic_*", "must be > 0")
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 64    # per rank and per micro-step; global batch = this x world x accum_steps
+    workers: int = 4        # DataLoader processes per rank; 0 reads in the training process
+    prefetch: int = 2       # batches queued per worker
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "loader.batch_size", "must be > 0")
+        _check(self.workers >= 0, "loader.workers", "must be >= 0")
+        _check(self.prefetch >= 1, "loader.prefetch", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"          # any torchvision classification model (torchvision.models.list_models)
+    pretrained: str | None = None   # local weights file; never downloaded
+    zero_init_residual: bool = True  # last BN gamma of each residual block = 0 (Goyal et al. 5.1)
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must be set")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"               # sgd | adamw
+    base_lr: float = 0.1            # lr for a global batch of base_batch (linear scaling rule)
+    base_batch: int = 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4      # not applied to BatchNorm/LayerNorm weights and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    accum_steps: int = 1            # micro-batches per optimizer step
+    grad_clip: float | None = None  # max global grad norm; null: no clipping
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "optim.name", ("sgd", "adamw"))
+        _check(self.base_lr > 0, "optim.base_lr", "must be > 0")
+        _check(self.base_batch > 0, "optim.base_batch", "must be > 0")
+        _check(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
+        _check(not self.nesterov or self.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
+        _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"            # cosine | step
+    warmup_epochs: float = 5.0      # gradual warmup, per iteration (Goyal et al. 2.2)
+    # null: start at base_lr, i.e. base_batch / global_batch of the scaled lr, as in Goyal et al.
+    warmup_start_factor: float | None = None
+    min_factor: float = 0.0         # cosine: final lr as a fraction of the peak
+    milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # step: in epochs
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, "schedule.kind", ("cosine", "step"))
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+        _check(self.warmup_start_factor is None or 0 <= self.warmup_start_factor <= 1,
+               "schedule.warmup_start_factor", "must be in [0, 1] or null")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 90
+    max_steps: int | None = None    # total optimizer steps of the run across resumes; overrides epochs
+    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0
+    log_every: int = 50             # steps between train metric lines
+    eval_every: int = 1             # epochs between validations (and best-checkpoint updates)
+    keep_last: int = 3              # checkpoints kept besides best
+    checkpoint_every: int | None = None  # extra checkpoints every N steps; null: at epoch ends only
+    stop_at_step: int | None = None  # checkpoint and exit as if preempted after this step (time-boxed chunks)
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR2", "SIGTERM"])  # set the stop flag
+    dist_timeout_s: float = 300.0   # collectives; well below NCCL's 10 min and gloo's 30 min
+    deterministic: bool = False     # torch.use_deterministic_algorithms (slower on GPU)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "trainer.epochs", "must be > 0")
+        _check(self.max_steps is None or self.max_steps > 0, "trainer.max_steps", "must be > 0 or null")
+        _one_of(self.precision, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
+        _check(self.log_every > 0, "trainer.log_every", "must be > 0")
+        _check(self.eval_every > 0, "trainer.eval_every", "must be > 0")
+        _check(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
+        _check(self.checkpoint_every is None or self.checkpoint_every > 0, "trainer.checkpoint_every",
+               "must be > 0 or null")
+        _check(self.stop_at_step is None or self.stop_at_step > 0, "trainer.stop_at_step", "must be > 0")
+        _check(self.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0")
+        import signal
+
+        for name in self.signals:
+            _check(isinstance(getattr(signal, name, None), signal.Signals), "trainer.signals",
+                   f"{name!r} is not a signal name (e.g. SIGUSR2)")
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"           # offline (compute nodes: `wandb sync` later) | online | disabled
+    project: str = "taxotrain"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, "logger.mode", ("offline", "online", "disabled"))
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_dir: str = "???"
+
+    def __post_init__(self) -> None:
+        if self.schedule.kind == "step" and self.trainer.max_steps is None:
+            _check(all(self.schedule.warmup_epochs <= m <= self.trainer.epochs
+                       for m in self.schedule.milestones), "schedule.milestones",
+                   f"must lie in [warmup_epochs, trainer.epochs={self.trainer.epochs}]")
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

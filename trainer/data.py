@@ -1,0 +1,364 @@
+"""Streaming shards into batches with the same number of steps on every rank, resumable mid-epoch.
+
+The contract every backend keeps (`webdataset` here, `synthetic` below, DALI later):
+`loader.batches_per_epoch` is the same on every rank, and `loader.epoch(e, position)` yields exactly
+that many (train) `Batch`es of uint8 images [B, 3, H, W] and int64 labels.
+
+How equal steps are guaranteed whatever the shard sizes (the top WebDataset complaint is DDP hanging
+at epoch end because ranks got different numbers of batches):
+- An epoch is `batches_per_epoch = floor(N / (B * world * accum)) * accum` batches per rank.
+- The shard order is a permutation drawn from (seed, epoch), the same on every rank and after a
+  resume. Shards are dealt to the `world x workers` slots greedily (next shard to the slot with the
+  fewest samples), so slot sizes differ by at most one shard.
+- Each slot has a quota of whole batches (the rank's batches split over its workers). A slot streams
+  its shards through a shuffle buffer until the quota is met, starting over on its shards if they run
+  out (a few repeats) and leaving the rest for later epochs if they hold more.
+- DataLoader hands out batches round-robin over workers; quotas that differ by at most one keep that
+  order exact, which is what makes the position resumable.
+
+Mid-epoch resume: each `Batch` says which (logical) worker made it and how many samples that worker
+has taken from its shuffled stream so far. The trainer stores these counts; on resume, each worker
+replays its stream without decoding up to that count (the shuffle depends only on the seeded
+order), and the workers are rotated so that the round-robin continues where it stopped.
+Augmentation is seeded per sample from (seed, epoch, rank, worker, position), so it is reproducible
+after a resume, and differs across ranks and workers.
+
+A sample that cannot be decoded is replaced by the next one (the batch stays full), and is reported
+in `Batch.bad`; a shard whose bad samples exceed `max_bad_fraction` of its length stops the run with
+the shard named. Nothing sleeps per bad sample.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from shards.keys import stable_hash
+from trainer.shardset import Shard, ShardSet
+from trainer.transforms import BadSample, decode
+
+
+class DataError(RuntimeError):
+    """The data cannot feed this run (too few shards, a shard too corrupt); names the shard/setting."""
+
+
+class BadRecord(NamedTuple):
+    shard: str
+    key: str
+    reason: str
+
+
+class Batch(NamedTuple):
+    images: Tensor            # uint8 [B, 3, H, W]
+    labels: Tensor            # int64 [B]
+    bad: tuple[BadRecord, ...] = ()
+    worker: int = 0           # logical worker that made the batch
+    consumed: int = 0         # samples that worker has taken from its shuffled stream, this one included
+
+
+@dataclass
+class EpochPosition:
+    """Where an epoch stopped: batches done on this rank, and per logical worker its batches/samples.
+
+    `offset` is the batch at which the current worker layout began: 0, unless a run resumed with a
+    different world size or worker count, when the rest of the epoch is dealt afresh from there.
+    """
+
+    batches: int = 0
+    offset: int = 0
+    worker_batches: list[int] = field(default_factory=list)
+    worker_consumed: list[int] = field(default_factory=list)
+
+    def advance(self, batch: Batch, workers: int) -> None:
+        if not self.worker_batches:
+            self.worker_batches, self.worker_consumed = [0] * workers, [0] * workers
+        self.batches += 1
+        self.worker_batches[batch.worker] += 1
+        self.worker_consumed[batch.worker] = batch.consumed
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    batch_size: int
+    seed: int
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    max_bad_fraction: float = 0.01
+
+
+# ---------------------------------------------------------------- planning (pure, tested directly)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world: int, accum: int) -> int:
+    """Optimizer steps per epoch: whole global batches only (the remainder is seen in later epochs)."""
+    steps = num_samples // (batch_size * world * accum)
+    if steps == 0:
+        raise DataError(f"{num_samples} training samples cannot fill one global batch of "
+                        f"{batch_size} x {world} ranks x {accum} accumulation steps: lower loader.batch_size")
+    return steps
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's shard permutation: a function of (seed, epoch) only, so every rank agrees."""
+    rng = np.random.default_rng([seed, epoch, 0x5A4D])
+    return rng.permutation(num_shards).tolist()
+
+
+def deal(lengths: Sequence[int], order: Sequence[int], slots: int,
+         every_slot: bool = True) -> list[list[int]]:
+    """Shards (indices into `lengths`) per slot: each next shard goes to the slot with fewest samples."""
+    if every_slot and len(lengths) < slots:
+        raise DataError(f"{len(lengths)} shards cannot feed {slots} readers (ranks x loader.workers): "
+                        "every reader needs at least one shard; use fewer loader.workers or more, smaller "
+                        "shards (shards.build shard.maxcount)")
+    dealt: list[list[int]] = [[] for _ in range(slots)]
+    totals = [0] * slots
+    for index in order:
+        slot = min(range(slots), key=lambda s: (totals[s], len(dealt[s]), s))
+        dealt[slot].append(index)
+        totals[slot] += lengths[index]
+    return dealt
+
+
+def quotas(batches: int, workers: int) -> list[int]:
+    """Batches per worker, differing by at most one with the larger ones first (round-robin order)."""
+    return [batches // workers + (w < batches % workers) for w in range(workers)]
+
+
+def sample_seed(*parts: object) -> int:
+    return stable_hash("augment", *parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_shard(shard: Shard) -> Iterator[dict]:
+    """Raw samples of one local shard (bytes only: nothing is unpickled or decoded here)."""
+    count = 0
+    try:
+        with open(shard.path, "rb") as fh:
+            members = ({**m, "__url__": str(shard.path)} for m in tar_file_iterator(fh))
+            for sample in group_by_keys(members):
+                sample["__shard__"] = shard.name
+                count += 1
+                yield sample
+    except Exception as err:  # OSError, tarfile.TarError, webdataset's grouping errors: all name the shard
+        raise DataError(f"{shard.path}: unreadable shard: {err}") from err
+    # a tar cut at a member boundary reads without error: only the manifest's count reveals it
+    if count != shard.num_samples:
+        raise DataError(f"{shard.path}: read {count} samples, the manifest says {shard.num_samples} "
+                        "(truncated or rewritten shard; check it with python -m shards.verify)")
+
+
+class BadCounter:
+    """Per-shard bad-sample accounting; raises once a shard is past the allowed fraction."""
+
+    def __init__(self, shards: Sequence[Shard], max_fraction: float) -> None:
+        self.lengths = {s.name: (s.num_samples, s.path) for s in shards}
+        self.max_fraction = max_fraction
+        self.counts: dict[str, int] = {}
+
+    def add(self, record: BadRecord) -> None:
+        n = self.counts[record.shard] = self.counts.get(record.shard, 0) + 1
+        length, path = self.lengths[record.shard]
+        if n > self.max_fraction * length:
+            raise DataError(f"{path}: {n} of its {length} samples are unusable, more than "
+                            f"data.max_bad_fraction={self.max_fraction} "
+                            f"(latest: {record.key}: {record.reason})")
+
+
+# ---------------------------------------------------------------- training stream
+
+
+class TrainStream(IterableDataset):
+    """One rank's training stream; each DataLoader worker serves one logical slot of the epoch."""
+
+    def __init__(self, shardset: ShardSet, transform: Callable[[Tensor], Tensor], cfg: StreamConfig,
+                 rank: int, world: int, workers: int, batches_per_epoch: int) -> None:
+        super().__init__()
+        self.shards, self.num_classes = shardset.shards, shardset.num_classes
+        self.transform, self.cfg = transform, cfg
+        self.rank, self.world, self.workers = rank, world, max(1, workers)
+        self.batches_per_epoch = batches_per_epoch
+        deal([s.num_samples for s in self.shards], range(len(self.shards)), world * self.workers)
+        self.set_epoch(0, None)
+
+    def set_epoch(self, epoch: int, position: EpochPosition | None) -> None:
+        self.epoch = epoch
+        self.position = position or EpochPosition()
+        order = shard_order(len(self.shards), self.cfg.seed, epoch)
+        dealt = deal([s.num_samples for s in self.shards], order, self.world * self.workers)
+        self.slots = dealt[self.rank * self.workers:(self.rank + 1) * self.workers]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        running = info.num_workers if info else 1
+        if running != self.workers:
+            raise DataError(f"stream built for {self.workers} workers, run by {running}")
+        # rotate: the worker that made the next batch before the stop goes first again
+        pos = self.position
+        logical = ((info.id if info else 0) + (pos.batches - pos.offset)) % self.workers
+        quota = quotas(self.batches_per_epoch - pos.offset, self.workers)[logical]
+        done = pos.worker_batches[logical] if pos.worker_batches else 0
+        skip = pos.worker_consumed[logical] if pos.worker_consumed else 0
+        yield from self._batches(logical, quota - done, skip)
+
+    def _shuffled(self, logical: int) -> Iterator[dict]:
+        shards = [self.shards[i] for i in self.slots[logical]]
+        rng = random.Random(stable_hash("shuffle", self.cfg.seed, self.epoch, self.rank, logical))
+
+        def cycle() -> Iterator[dict]:
+            while True:  # start over when the slot's shards run out before its quota
+                yielded = 0
+                for shard in shards:
+                    for sample in read_shard(shard):
+                        yielded += 1
+                        yield sample
+                if yielded == 0:
+                    raise DataError(f"shards {[s.name for s in shards]} hold no samples at all")
+
+        return wds.filters._shuffle(cycle(), self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
+
+    def _batches(self, logical: int, remaining: int, skip: int) -> Iterator[Batch]:
+        stream = self._shuffled(logical)
+        for _ in range(skip):  # replay up to the resume point without decoding
+            next(stream)
+        counter = BadCounter([self.shards[i] for i in self.slots[logical]], self.cfg.max_bad_fraction)
+        position = skip
+        images: list[Tensor] = []
+        labels: list[int] = []
+        bad: list[BadRecord] = []
+        for _ in range(remaining):
+            while len(images) < self.cfg.batch_size:
+                sample = next(stream)
+                position += 1
+                try:
+                    image, label = decode(sample, self.num_classes)
+                    with torch.random.fork_rng(devices=[]):  # never disturb the caller's RNG
+                        seed = sample_seed(self.cfg.seed, self.epoch, self.rank, logical, position)
+                        torch.manual_seed(seed)
+                        images.append(self.transform(image))
+                    labels.append(label)
+                except BadSample as err:
+                    record = BadRecord(sample["__shard__"], sample.get("__key__", "?"), str(err))
+                    bad.append(record)
+                    counter.add(record)
+            yield Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), tuple(bad),
+                        logical, position)
+            images, labels, bad = [], [], []
+
+
+# ---------------------------------------------------------------- evaluation stream
+
+
+class EvalStream(IterableDataset):
+    """Every sample of the split exactly once across ranks x workers; the last batch may be short."""
+
+    def __init__(self, shardset: ShardSet, transform: Callable[[Tensor], Tensor], batch_size: int,
+                 rank: int, world: int, workers: int, max_bad_fraction: float) -> None:
+        super().__init__()
+        self.shards, self.num_classes = shardset.shards, shardset.num_classes
+        self.transform, self.batch_size, self.max_bad = transform, batch_size, max_bad_fraction
+        self.workers = max(1, workers)
+        slots = world * self.workers
+        # no shuffle: a fixed deal, so a rank with no shard (fewer shards than readers) simply idles;
+        # evaluation has no collective per batch, so uneven counts cannot hang
+        lengths = [s.num_samples for s in self.shards]
+        dealt = deal(lengths, sorted(range(len(lengths)), key=lambda i: -lengths[i]), slots, every_slot=False)
+        self.slots = dealt[rank * self.workers:(rank + 1) * self.workers]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        mine = [self.shards[i] for i in self.slots[info.id if info else 0]]
+        counter = BadCounter(mine, self.max_bad)
+        images: list[Tensor] = []
+        labels: list[int] = []
+        bad: list[BadRecord] = []
+        for shard in mine:
+            for sample in read_shard(shard):
+                try:
+                    image, label = decode(sample, self.num_classes)
+                    images.append(self.transform(image))
+                    labels.append(label)
+                except BadSample as err:
+                    bad.append(BadRecord(shard.name, sample.get("__key__", "?"), str(err)))
+                    counter.add(bad[-1])
+                if len(images) == self.batch_size:
+                    yield Batch(torch.stack(images), torch.tensor(labels), tuple(bad))
+                    images, labels, bad = [], [], []
+        if images or bad:
+            yield Batch(torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
+                        torch.tensor(labels, dtype=torch.int64), tuple(bad))
+
+
+# ---------------------------------------------------------------- loaders (the contract)
+
+
+def _quiet_worker(_: int) -> None:
+    # preemption signals are for the training process; a worker killed by SIGTERM would turn a clean
+    # checkpoint-and-exit into a "DataLoader worker exited unexpectedly" crash
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _loader(dataset: IterableDataset, workers: int, pin_memory: bool, prefetch: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=_quiet_worker if workers else None,
+                      prefetch_factor=prefetch if workers else None, persistent_workers=False,
+                      # its own generator: creating an epoch's iterator must not consume the global
+                      # RNG, or a resumed run's dropout stream would differ from the uninterrupted one
+                      generator=torch.Generator(),
+                      multiprocessing_context="fork" if workers else None)
+
+
+class ShardLoader:
+    """The webdataset backend: `epoch(e, position)` -> exactly `batches_per_epoch` training batches."""
+
+    def __init__(self, stream: TrainStream, workers: int, pin_memory: bool = False,
+                 prefetch: int = 2) -> None:
+        self.stream, self.workers = stream, workers
+        self.pin_memory, self.prefetch = pin_memory, prefetch
+        self.batches_per_epoch = stream.batches_per_epoch
+
+    def epoch(self, epoch: int, position: EpochPosition | None = None) -> Iterator[Batch]:
+        self.stream.set_epoch(epoch, position)
+        loader = _loader(self.stream, self.workers, self.pin_memory, self.prefetch)
+        remaining = self.batches_per_epoch - (position.batches if position else 0)
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        if count != remaining:  # the contract is the whole point: fail loudly rather than hang a peer
+            raise DataError(f"epoch {epoch}: loader gave {count} batches, expected {remaining}")
+
+
+def eval_batches(stream: EvalStream, workers: int, pin_memory: bool = False) -> Iterator[Batch]:
+    yield from _loader(stream, workers, pin_memory, 2)
+
+
+class SyntheticLoader:
+    """Random uint8 images with the same contract: a throughput baseline without any input cost."""
+
+    def __init__(self, num_samples: int, num_classes: int, batch_size: int, crop_size: int,
+                 batches_per_epoch: int, seed: int, rank: int) -> None:
+        gen = torch.Generator().manual_seed(stable_hash("synthetic", seed, rank) & 0x7FFF_FFFF)
+        self.images = torch.randint(0, 256, (batch_size, 3, crop_size, crop_size), dtype=torch.uint8,
+                                    generator=gen)
+        self.labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
+        self.batches_per_epoch = batches_per_epoch
+        self.num_samples = num_samples
+
+    def epoch(self, epoch: int, position: EpochPosition | None = None) -> Iterator[Batch]:
+        start = position.batches if position else 0
+        for i in range(start, self.batches_per_epoch):
+            yield Batch(self.images, self.labels, (), 0, (i + 1) * len(self.labels))

@@ -1,0 +1,424 @@
+"""`Trainer`: the one object that owns a training run, from process group to the last checkpoint.
+
+`Trainer(cfg, env)` builds everything (data, model, optimizer, schedule, checkpoints, tracker) and
+resumes from the newest valid checkpoint in `run_dir`; `fit()` returns an exit code (0 finished,
+`EXIT_PREEMPTED` when stopped with a checkpoint written); `close()` runs on every path.
+
+Step boundaries are where ranks talk outside the gradient all-reduce: before each optimizer step,
+the micro-batches are fetched, then all ranks agree on a status (run, stop, failed). A stop
+therefore always happens between two complete steps, which is what the checkpoint records.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from shards.keys import stable_hash
+from trainer import checkpoint, data, distributed, model, optim, provenance, rng, schedule, shardset
+from trainer.config import TrainConfig
+from trainer.data import Batch, DataError, EpochPosition, StreamConfig
+from trainer.distributed import DistEnv
+from trainer.metrics import MetricState
+from trainer.preempt import EXIT_PREEMPTED, Status, StopFlag, agree
+from trainer.tracker import Tracker
+from trainer.transforms import AugmentConfig, Normalize, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run_dir).expanduser()
+        self.tracker: Tracker | None = None
+        self.stop = StopFlag(cfg.trainer.signals)  # first, so an early signal is not lost
+        self.device = distributed.init(env, cfg.trainer.dist_timeout_s)
+        self.main = env.rank == 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._seed(cfg.trainer.seed)
+        self._build_data()
+        self._build_model()
+        self._build_optimization()
+        self.checkpoints = checkpoint.Checkpointer(self.run_dir / "checkpoints", cfg.trainer.keep_last,
+                                                   is_main=self.main)
+        self.step, self.epoch, self.position = 0, 0, EpochPosition()
+        self.epoch_bad: list[data.BadRecord] = []
+        wandb_id = self._resume()
+        self.start_step = self.step
+        self._start_tracker(wandb_id)
+
+    # ------------------------------------------------------------ setup
+
+    def _seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts them)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        if self.cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+    def _build_data(self) -> None:
+        cfg, env = self.cfg, self.env
+        accum, batch = cfg.optim.accum_steps, cfg.loader.batch_size
+        self.aug = AugmentConfig(cfg.data.crop_size, tuple(cfg.data.scale), hflip=cfg.data.hflip,
+                                 augment=cfg.data.augment, color_jitter=cfg.data.color_jitter,
+                                 eval_crop_ratio=cfg.data.eval_crop_ratio)
+        if cfg.data.backend == "synthetic":
+            n, self.classes = cfg.data.synthetic_samples, tuple(map(str, range(cfg.data.synthetic_classes)))
+            self.steps_per_epoch = data.steps_per_epoch(n, batch, env.world_size, accum)
+            self.loader = data.SyntheticLoader(n, len(self.classes), batch, cfg.data.crop_size,
+                                               self.steps_per_epoch * accum, cfg.trainer.seed, env.rank)
+            self.val_set = None
+            return
+        train_set = shardset.load(cfg.data.shards, cfg.data.train_split)
+        self.val_set = shardset.load(cfg.data.shards, cfg.data.val_split) if cfg.data.val_split else None
+        self._check_shards(train_set.shards + (self.val_set.shards if self.val_set else ()))
+        self.classes = train_set.classes
+        self.steps_per_epoch = data.steps_per_epoch(train_set.num_samples, batch, env.world_size, accum)
+        stream_cfg = StreamConfig(batch, cfg.trainer.seed, cfg.data.shuffle_buffer,
+                                  min(100, cfg.data.shuffle_buffer), cfg.data.max_bad_fraction)
+        stream = data.TrainStream(train_set, train_transform(self.aug), stream_cfg, env.rank,
+                                  env.world_size, cfg.loader.workers, self.steps_per_epoch * accum)
+        self.loader = data.ShardLoader(stream, cfg.loader.workers, self._pin(), cfg.loader.prefetch)
+
+    def _pin(self) -> bool:
+        return self.cfg.loader.pin_memory and self.device.type == "cuda"
+
+    def _check_shards(self, shards: tuple[shardset.Shard, ...]) -> None:
+        """Every rank hashes its share of the shards; all ranks learn every problem, so all stop."""
+        mine = shardset.check(shards[self.env.rank::self.env.world_size], self.cfg.data.check)
+        problems = _gather(mine)
+        if problems:
+            listing = "\n  ".join(problems)
+            mode = self.cfg.data.check
+            raise shardset.ShardSetError(f"shards disagree with the manifest (data.check={mode}; "
+                                         f"off skips this):\n  {listing}")
+
+    def _build_model(self) -> None:
+        cfg = self.cfg.model
+        net = model.build(cfg.name, len(self.classes), cfg.pretrained, cfg.zero_init_residual)
+        if cfg.sync_bn and self.env.world_size > 1:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.net = net.to(self.device, memory_format=fmt)
+        self.ddp = (DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if self.env.world_size > 1 else self.net)
+        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.normalize = Normalize(self.cfg.data.mean, self.cfg.data.std, cfg.channels_last).to(self.device)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.optim.label_smoothing)
+        # each rank its own dropout/stochastic-depth stream from here on, reproducible from the seed
+        torch.manual_seed(stable_hash("rank", self.cfg.trainer.seed, self.env.rank) & 0x7FFF_FFFF)
+
+    def _build_optimization(self) -> None:
+        cfg, o, s = self.cfg, self.cfg.optim, self.cfg.schedule
+        steps = self.steps_per_epoch
+        self.total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * steps
+        self.epochs = math.ceil(self.total_steps / steps)
+        self.lr, self.global_batch = schedule.scaled_lr(o.base_lr, cfg.loader.batch_size,
+                                                        self.env.world_size, o.accum_steps, o.base_batch)
+        warmup = min(self.total_steps, round(s.warmup_epochs * steps))
+        start = s.warmup_start_factor
+        if start is None:
+            start = schedule.goyal_start_factor(self.global_batch, o.base_batch)
+        self.optimizer = optim.build(self.net, o.name, self.lr, o.weight_decay, o.momentum, o.nesterov,
+                                     tuple(o.betas))
+        milestones = [round(m * steps) for m in s.milestones] if s.kind == "step" else []
+        self.scheduler = schedule.build_scheduler(self.optimizer, s.kind, self.total_steps, warmup, start,
+                                                  s.min_factor, milestones, s.gamma)
+        self.precision = _precision(cfg.trainer.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.recipe = schedule.describe(o.base_lr, cfg.loader.batch_size, self.env.world_size, o.accum_steps,
+                                        self.total_steps, warmup, o.base_batch)
+        self.recipe.update(warmup_start_factor=start, steps_per_epoch=steps, epochs=self.epochs,
+                           precision=self.precision, device=str(self.device), classes=len(self.classes))
+
+    def _resume(self) -> str | None:
+        state = self.checkpoints.load_latest()
+        if state is None:
+            return None
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.position = self._restore_position(state["position"])
+        ranks = state["rng"]
+        if len(ranks) == self.env.world_size:
+            rng.restore(ranks[self.env.rank])
+        else:
+            log.warning("checkpoint from %d ranks, now %d: RNG streams start afresh", len(ranks),
+                        self.env.world_size)
+        log.info("resumed from step %d (epoch %d, batch %d of the epoch)", self.step, self.epoch,
+                 self.position.batches)
+        return state.get("wandb_id")
+
+    def _restore_position(self, saved: dict) -> EpochPosition:
+        workers = max(1, self.cfg.loader.workers)
+        batches = int(saved["batches"])
+        if saved["world"] == self.env.world_size and saved["workers"] == workers:
+            return EpochPosition(batches, int(saved["offset"]), list(saved["worker_batches"][self.env.rank]),
+                                 list(saved["worker_consumed"][self.env.rank]))
+        if batches:
+            log.warning("data position saved for %s ranks x %s workers, now %d x %d: the rest of epoch %d "
+                        "is dealt afresh from batch %d", saved["world"], saved["workers"],
+                        self.env.world_size, workers, self.epoch, batches)
+        return EpochPosition(batches, offset=batches)
+
+    def _start_tracker(self, wandb_id: str | None) -> None:
+        config = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
+        if self.main:
+            provenance.write(self.run_dir, config, world_size=self.env.world_size, rank=self.env.rank)
+        self.tracker = Tracker(self.run_dir, is_main=self.main, mode=self.cfg.logger.mode,
+                               project=self.cfg.logger.project, name=self.cfg.logger.name,
+                               config={**config, "recipe": self.recipe}, run_id=wandb_id)
+        if self.main:
+            log.info("recipe: %s", ", ".join(f"{k}={v}" for k, v in self.recipe.items()))
+
+    # ------------------------------------------------------------ training
+
+    def fit(self) -> int:
+        """Train to `total_steps`; returns 0, or EXIT_PREEMPTED after checkpointing on a stop."""
+        while self.step < self.total_steps:
+            status = self._train_epoch()
+            if status == Status.STOP:
+                self._save(metric=None)
+                log.info("stopped at step %d (%s): checkpoint written, exit %d", self.step,
+                         self.stop.received or "trainer.stop_at_step", EXIT_PREEMPTED)
+                return EXIT_PREEMPTED
+            self._end_epoch()
+        self.tracker.summary({"step": self.step, **{f"recipe/{k}": v for k, v in self.recipe.items()}})
+        return 0
+
+    def _train_epoch(self) -> Status:
+        accum, bpe = self.cfg.optim.accum_steps, self.loader.batches_per_epoch
+        batches = self.loader.epoch(self.epoch, self.position)
+        meter = _Meter(len(self.classes), self.device)
+        self.ddp.train()
+        try:
+            while self.position.batches < bpe and self.step < self.total_steps:
+                status, micro = self._next_step(batches, accum, meter)
+                if status != Status.RUN:
+                    return status
+                self._optimizer_step(micro, meter)
+                for batch in micro:
+                    self.position.advance(batch, max(1, self.cfg.loader.workers))
+                self.step += 1
+                if self.step % self.cfg.trainer.log_every == 0 or self.step == self.total_steps:
+                    self._log_train(meter)
+                if self.cfg.trainer.checkpoint_every and self.step % self.cfg.trainer.checkpoint_every == 0:
+                    self._save(metric=None)
+        finally:
+            batches.close()  # shuts the epoch's DataLoader workers down on every path
+        return Status.RUN
+
+    def _next_step(self, batches: Iterator[Batch], accum: int, meter: _Meter) -> tuple[Status, list[Batch]]:
+        status, micro, error = Status.RUN, [], None
+        limit = self.cfg.trainer.stop_at_step
+        # stop_at_step fires only when this process reached it, so a resumed run goes on past it
+        if self.stop.requested or (limit is not None and self.start_step < limit <= self.step):
+            status = Status.STOP
+        else:
+            t0 = time.perf_counter()
+            try:
+                micro = [next(batches) for _ in range(accum)]
+            except (DataError, StopIteration, RuntimeError) as err:
+                status, error = Status.FAILED, err
+            meter.wait += time.perf_counter() - t0
+        status = agree(status, self.device)
+        if status == Status.FAILED:
+            if error is not None:
+                raise DataError(f"rank {self.env.rank}: {error}") from error
+            raise RuntimeError(f"rank {self.env.rank}: stopping because another rank failed (see its log)")
+        return status, micro
+
+    def _optimizer_step(self, micro: list[Batch], meter: _Meter) -> None:
+        for i, batch in enumerate(micro):
+            images = self.normalize(batch.images)
+            labels = batch.labels.to(self.device, non_blocking=True)
+            last = i == len(micro) - 1
+            # gradients are all-reduced on the last micro-batch only (no_sync on the others)
+            sync = contextlib.nullcontext() if last or self.ddp is self.net else self.ddp.no_sync()
+            with sync:
+                with _autocast(self.precision, self.device):
+                    logits = self.forward(images)
+                    loss = self.criterion(logits, labels)
+                scaled = loss / len(micro)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            meter.update(logits.detach().float(), labels, loss.detach() * len(labels))
+            self.epoch_bad.extend(batch.bad)
+        self._clip_and_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _clip_and_step(self) -> None:
+        clip = self.cfg.optim.grad_clip
+        if self.scaler is not None:
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return
+        if clip:
+            nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        self.optimizer.step()
+
+    def _log_train(self, meter: _Meter) -> None:
+        record = meter.flush(self.env.world_size)
+        record.update(split="train", epoch=self.epoch, lr=self.scheduler.get_last_lr()[0])
+        self.tracker.log(record, self.step)
+        if self.main:
+            log.info("step %d/%d epoch %d loss %.4f top1 %.4f lr %.4g %.0f img/s data-wait %.0f%%",
+                     self.step, self.total_steps, self.epoch, record["loss"], record["top1"], record["lr"],
+                     record["images_per_s"], 100 * record["data_wait"])
+
+    def _report_bad(self) -> None:
+        """Unusable samples of the epoch: counted on every rank, listed by rank 0 in bad_samples.tsv."""
+        records = _gather(self.epoch_bad)
+        self.epoch_bad = []
+        if not records or not self.main:
+            return
+        with (self.run_dir / "bad_samples.tsv").open("a") as fh:
+            for r in records:
+                fh.write(f"{self.epoch}\t{r.shard}\t{r.key}\t{r.reason}\n")
+        log.warning("epoch %d: %d unusable samples replaced by others (listed in %s), e.g. %s/%s: %s",
+                    self.epoch, len(records), self.run_dir / "bad_samples.tsv", *records[0])
+        self.tracker.log({"split": "train", "epoch": self.epoch, "bad_samples": len(records)}, self.step)
+
+    def _end_epoch(self) -> None:
+        self._report_bad()
+        metric = None
+        last = self.step >= self.total_steps
+        if self.val_set is not None and ((self.epoch + 1) % self.cfg.trainer.eval_every == 0 or last):
+            metric = self.evaluate()["top1"]
+        self.epoch += 1
+        self.position = EpochPosition()
+        self._save(metric)
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Every validation sample once across ranks; metrics summed with one all_reduce."""
+        stream = data.EvalStream(self.val_set, eval_transform(self.aug), self.cfg.loader.batch_size,
+                                 self.env.rank, self.env.world_size, self.cfg.loader.workers,
+                                 self.cfg.data.max_bad_fraction)
+        state, bad = MetricState(len(self.classes), self.device), 0
+        self.net.eval()
+        for batch in data.eval_batches(stream, self.cfg.loader.workers, self._pin()):
+            bad += len(batch.bad)
+            if len(batch.labels):
+                with _autocast(self.precision, self.device):
+                    logits = self.net(self.normalize(batch.images))
+                state.update(logits.float(), batch.labels.to(self.device))
+        self.net.train()
+        counts = torch.tensor([bad], dtype=torch.float64, device=self.device)
+        state.all_reduce()
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        result = state.compute()
+        result.update(split="val", epoch=self.epoch, bad_samples=int(counts.item()))
+        self.tracker.log(result, self.step)
+        if self.main:
+            log.info("val epoch %d: top1 %.4f top5 %.4f mrr %.4f balanced %.4f loss %.4f (%d samples)",
+                     self.epoch, result["top1"], result["top5"], result["mrr"], result["balanced_acc"],
+                     result["loss"], result["n"])
+        return result
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _save(self, metric: float | None) -> None:
+        """Every rank contributes its data position and RNG states; rank 0 writes."""
+        workers = max(1, self.cfg.loader.workers)
+        mine = {"batches": self.position.batches, "offset": self.position.offset,
+                "worker_batches": self.position.worker_batches or [0] * workers,
+                "worker_consumed": self.position.worker_consumed or [0] * workers, "rng": rng.capture()}
+        ranks = _gather([mine])
+        state = {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": {"world": self.env.world_size, "workers": workers,
+                         "batches": mine["batches"], "offset": mine["offset"],
+                         "worker_batches": [r["worker_batches"] for r in ranks],
+                         "worker_consumed": [r["worker_consumed"] for r in ranks]},
+            "rng": [r["rng"] for r in ranks],
+            "wandb_id": self.tracker.run_id if self.tracker else None,
+            "classes": list(self.classes),
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
+            "recipe": self.recipe,
+        }
+        self.checkpoints.save(state, self.step, metric=metric)
+        distributed.barrier()  # nobody exits (or is killed) before rank 0 has the file on disk
+
+    def close(self, exit_code: int = 0) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(exit_code)
+        self.stop.restore()
+        distributed.cleanup()
+
+
+class _Meter:
+    """Training metrics and throughput over one logging interval."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.num_classes, self.device = num_classes, device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.state = MetricState(self.num_classes, self.device)
+        self.start, self.wait = time.perf_counter(), 0.0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        self.state.update(logits, labels, loss_sum, check=False)
+
+    def flush(self, world: int) -> dict:
+        elapsed = time.perf_counter() - self.start
+        local_n = int(self.state.n)
+        extra = torch.tensor([self.wait], dtype=torch.float64, device=self.device)
+        self.state.all_reduce()
+        if dist.is_initialized():
+            dist.all_reduce(extra)
+        values = self.state.compute()
+        record = {k: values[k] for k in ("loss", "top1", "top5", "mrr")}
+        record.update(images_per_s=values["n"] / elapsed, images_per_s_rank=local_n / elapsed,
+                      data_wait=float(extra[0]) / world / elapsed)
+        self._reset()
+        return record
+
+
+def _gather(items: list) -> list:
+    """Concatenation of every rank's list (the local list without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(items)
+    out: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def _precision(setting: str, device: torch.device) -> str:
+    if setting == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return setting
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

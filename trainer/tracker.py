@@ -1,0 +1,288 @@
+"""Experiment tracking: rank 0 logs, every other rank stays quiet.
+
+One `Tracker` per process; only the main rank's does anything. Other ranks never import wandb, never
+open a file, never print: N ranks writing the same files or N W&B runs is noise at best, corruption at
+worst.
+
+Two sinks, in order of trust:
+- `run_dir/metrics.jsonl` is the record of truth, written whatever the W&B mode: one JSON object per
+  `log()` call, `{"step": step, **record}`, appended (a resumed run continues the file) and flushed per
+  line so a killed job keeps everything it logged. JSON has no NaN or Infinity, so non-finite floats are
+  written as the strings "nan", "inf" and "-inf" (at any depth, lists included); `float(v)` reads them
+  back. Strings rather than null because a diverged loss (nan) and a missing value must stay apart.
+  A resumed run re-logs the steps between its checkpoint and the kill: a reader should keep the last line
+  per (split, step).
+- W&B (`mode` "offline" or "online") is a convenience on top. Compute nodes have no internet, so the
+  usual mode is "offline" with a later `wandb sync run_dir/wandb/offline-run-*`. The run id is kept in
+  `run_dir/wandb_id.txt` so a requeued job continues the same W&B run (`resume="allow"`). Scalars are
+  logged as `<split>/<key>` against a custom x-axis `global_step`, not W&B's own `step=`: that one
+  drops any step below the highest seen, with only a warning, and a resumed run re-logs exactly such
+  steps (measured, wandb 0.31). Lists such as `per_class_recall` stay in metrics.jsonl only.
+
+W&B must never stop or hang training: `init` is bounded by `init_timeout_s`, `finish` by
+`finish_timeout_s`, and any exception from wandb is logged once as a warning, after which W&B is off for
+the rest of the run and metrics.jsonl carries on.
+
+Privacy: W&B by default records the command line, every `SLURM_*` variable, git state, a pip freeze and
+console output (measured with wandb 0.31: argv and SLURM values land in the run's `.wandb` file, the
+config in `wandb/debug.log`). Any of these can hold secrets (an override like `logger.api_key=...`, a
+`git+https://token@...` requirement), so they are all switched off (`_PRIVATE`) and the config is
+redacted before W&B sees it; `provenance.write()` records what is needed, redacted. Should a future
+wandb reject one of these settings, init fails and W&B is off: privacy fails closed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import secrets
+import string
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from trainer.provenance import redact_mapping, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["offline", "online", "disabled"]
+MODES = ("offline", "online", "disabled")
+METRICS_FILE = "metrics.jsonl"
+RUN_ID_FILE = "wandb_id.txt"
+SUMMARY_FILE = "summary.json"
+STEP_KEY = "global_step"
+PROGRESS_LOG_EVERY_S = 30.0  # plain progress lines in a SLURM log: often enough to see life, not a flood
+_ID_CHARS = string.ascii_lowercase + string.digits
+# What wandb would otherwise collect on its own: argv/host/executable/SLURM_* ("meta"), git state (also
+# slow: wandb reads it before init's timeout applies), code, pip freeze, and a copy of stdout/stderr.
+# SLURM already keeps the console; provenance keeps the rest, redacted. `quiet` drops the "logged in as"
+# message, whose identity query runs outside init_timeout (measured: init_timeout=5 took 16 s against a
+# refused connection, 6 s with quiet).
+_PRIVATE: dict[str, Any] = {
+    "x_disable_meta": True,
+    "disable_git": True,
+    "disable_code": True,
+    "save_code": False,
+    "x_save_requirements": False,
+    "console": "off",
+    "quiet": True,
+}
+
+
+def new_run_id() -> str:
+    """An 8-character base-36 id like wandb's own (wandb 0.31 no longer exports `wandb.util.generate_id`)."""
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(8))
+
+
+def _nonfinite(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def jsonable(value: object) -> object:
+    """A strict-JSON copy: non-finite floats -> "nan"/"inf"/"-inf"; numpy/torch values -> Python."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _nonfinite(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
+        return jsonable(value.tolist())
+    raise TypeError(f"cannot log a value of type {type(value).__name__}: {value!r}")
+
+
+def wandb_payload(record: Mapping[str, object], step: int) -> dict[str, object]:
+    """Scalars of `record` keyed `<split>/<key>`, plus the x-axis. Strings and lists are left out."""
+    split = record.get("split")
+    prefix = f"{split}/" if isinstance(split, str) and split else ""
+    payload: dict[str, object] = {STEP_KEY: step}
+    for key, value in record.items():
+        if key == "split":
+            continue
+        if hasattr(value, "ndim") and value.ndim == 0:  # 0-d tensor or numpy scalar
+            value = value.item()
+        if isinstance(value, bool | int | float):
+            payload[f"{prefix}{key}"] = value
+    return payload
+
+
+def _open_append(path: Path) -> TextIO:
+    """Open for appending, line-buffered. A job killed mid-write can leave a last line without its
+    newline; appending right after it would fuse two records into one unparseable line."""
+    torn = False
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
+    f = open(path, "a", encoding="utf-8", buffering=1)  # closed in Tracker.finish
+    if torn:
+        f.write("\n")
+    return f
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+class Tracker:
+    """metrics.jsonl + optional W&B for the main rank; a no-op everywhere else.
+
+    Use as a context manager, or call `finish(exit_code)` on every exit path (it is idempotent).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        is_main: bool,
+        mode: Mode,
+        project: str,
+        name: str | None,
+        config: dict,
+        run_id: str | None = None,
+        init_timeout_s: float = 60.0,
+        finish_timeout_s: float = 120.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.is_main = is_main
+        self.run_id = run_id
+        self._run: Any = None
+        self._file: TextIO | None = None
+        self._bar: Any = None
+        self._use_bar: bool | None = None
+        self._last_progress = -math.inf
+        self._finished = False
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = _open_append(self.run_dir / METRICS_FILE)
+        if mode != "disabled":
+            self.run_id = run_id or _read_text(self.run_dir / RUN_ID_FILE) or new_run_id()
+            # Written before init: a job killed inside wandb.init must still resume the same run.
+            write_text_atomic(self.run_dir / RUN_ID_FILE, self.run_id + "\n")
+            self._run = self._start_wandb(mode, project, name, config, init_timeout_s, finish_timeout_s)
+
+    def _start_wandb(
+        self, mode: Mode, project: str, name: str | None, config: dict, init_s: float, finish_s: float
+    ) -> Any:
+        try:
+            import wandb
+
+            settings = wandb.Settings(
+                init_timeout=init_s, x_service_wait=init_s, finish_timeout=finish_s, **_PRIVATE
+            )
+            run = wandb.init(
+                mode=mode, dir=str(self.run_dir), project=project, name=name, id=self.run_id,
+                resume="allow", config=redact_mapping(config), settings=settings,
+                # Independent of any other run in the process: we only ever call methods on `run`.
+                reinit="create_new",
+            )
+            run.define_metric(STEP_KEY)
+            run.define_metric("*", step_metric=STEP_KEY)
+            return run
+        except Exception as exc:  # any W&B failure must leave training running
+            self._wandb_failed("init", exc)
+            return None
+
+    def _wandb_failed(self, what: str, exc: BaseException) -> None:
+        # The broken run is dropped, not finished: finishing a broken run can block, and wandb's own
+        # atexit hook closes it when the process ends.
+        self._run = None
+        log.warning(
+            "W&B %s failed (%s: %s); W&B is off for the rest of this run, %s keeps every record",
+            what, type(exc).__name__, exc, self.run_dir / METRICS_FILE,
+        )
+
+    def log(self, record: Mapping[str, object], step: int) -> None:
+        """Append `{"step": step, **record}` to metrics.jsonl and send the scalars to W&B."""
+        if self._file is None:
+            return
+        if "step" in record:
+            raise ValueError("record must not contain 'step': pass it as the step argument")
+        line = json.dumps({"step": step, **jsonable(record)}, allow_nan=False)  # type: ignore[dict-item]
+        self._file.write(line + "\n")
+        self._file.flush()
+        if self._run is not None:
+            try:
+                self._run.log(wandb_payload(record, step))
+            except Exception as exc:
+                self._wandb_failed("log", exc)
+
+    def summary(self, values: Mapping[str, object]) -> None:
+        """Final numbers: merged into `run_dir/summary.json` and the W&B run summary."""
+        if self._file is None:
+            return
+        path = self.run_dir / SUMMARY_FILE
+        try:
+            merged = json.loads(_read_text(path) or "{}")
+        except json.JSONDecodeError:
+            merged = {}
+        merged.update(jsonable(values))  # type: ignore[arg-type]
+        write_text_atomic(path, json.dumps(merged, indent=2, allow_nan=False) + "\n")
+        if self._run is not None:
+            try:
+                self._run.summary.update(dict(values))
+            except Exception as exc:
+                self._wandb_failed("summary", exc)
+
+    def progress(self, step: int, total: int, text: str = "") -> None:
+        """A tqdm bar on a terminal, else an INFO line at most every PROGRESS_LOG_EVERY_S seconds."""
+        if not self.is_main or self._finished:
+            return
+        if self._use_bar is None:
+            self._use_bar = sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
+        if self._use_bar:
+            self._update_bar(step, total, text)
+            return
+        now = time.monotonic()
+        if step >= total or now - self._last_progress >= PROGRESS_LOG_EVERY_S:
+            self._last_progress = now
+            log.info("step %d/%d %s", step, total, text)
+
+    def _update_bar(self, step: int, total: int, text: str) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=step, dynamic_ncols=True, file=sys.stderr)
+        self._bar.total = total
+        self._bar.set_postfix_str(text, refresh=False)
+        self._bar.update(step - self._bar.n)  # update() keeps tqdm's own redraw throttling
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close metrics.jsonl and the W&B run (with `exit_code`). Idempotent, never raises for W&B."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        run, self._run = self._run, None
+        if run is None:
+            return
+        try:
+            offline = run.settings.mode == "offline"
+            run.finish(exit_code=exit_code)
+        except Exception as exc:
+            self._wandb_failed("finish", exc)
+            return
+        if offline:  # every start of this run, in one command; wandb syncs them in start order
+            log.info("W&B run saved offline; upload it with: wandb sync %s/wandb/offline-run-*-%s*",
+                     self.run_dir, self.run_id)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.finish(0 if exc_type is None else 1)
