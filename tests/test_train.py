@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from train_fixtures import write_shardset
 
+from shards.config import ConfigError
 from trainer import rng
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
@@ -254,3 +255,31 @@ def test_dead_rank_makes_the_other_exit_with_an_error_within_the_timeout(shards,
     code = procs[0].wait(timeout=60)
     assert code not in (0, EXIT_PREEMPTED)
     assert time.monotonic() - killed_at < 10 + 15
+
+
+@pytest.mark.parametrize("extra", [
+    ["trainer.precision=bf16", "optim.name=adamw", "optim.base_lr=0.001", "optim.grad_clip=1.0"],
+    ["optim.label_smoothing=0.1", "optim.nesterov=true", "schedule.kind=step",
+     "schedule.milestones=[0.5,1.0]", "trainer.epochs=2", "optim.accum_steps=2"],
+])
+def test_optional_paths_train_and_stay_finite(shards, tmp_path, extra):
+    assert train(config(shards, tmp_path / "r", "trainer.max_steps=18", "loader.workers=0", *extra)) == 0
+    state = final_state(tmp_path / "r")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_channels_last_synthetic_steps(tmp_path):
+    cfg = config(Path("none"), tmp_path / "r", "data.backend=synthetic", "data.synthetic_samples=512",
+                 "model.name=resnet50", "data.crop_size=224", "loader.batch_size=32", "trainer.max_steps=5",
+                 "data.val_split=null")
+    assert train(cfg) == 0
+    assert final_state(tmp_path / "r")["recipe"]["precision"] == "bf16"
+
+
+def test_milestone_past_the_last_step_names_the_setting(shards, tmp_path):
+    cfg = config(shards, tmp_path / "r", "trainer.max_steps=6", "schedule.kind=step",
+                 "schedule.milestones=[1.0]")
+    with pytest.raises(ConfigError, match=r"schedule .*32 steps per epoch, 6 steps.*milestones"):
+        Trainer(cfg, DistEnv(0, 0, 1, 1, "127.0.0.1", 1, "single"))

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from shards.config import ConfigError
 from shards.keys import stable_hash
 from trainer import checkpoint, data, distributed, model, optim, provenance, rng, schedule, shardset
 from trainer.config import TrainConfig
@@ -44,8 +46,18 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.tracker: Tracker | None = None
         self.stop = StopFlag(cfg.trainer.signals)  # first, so an early signal is not lost
-        self.device = distributed.init(env, cfg.trainer.dist_timeout_s)
-        self.main = env.rank == 0
+        try:
+            self.device = distributed.init(env, cfg.trainer.dist_timeout_s)
+            self._setup()
+        except BaseException:
+            self.close(1)  # signal handlers and the process group must not outlive a failed setup
+            raise
+
+    # ------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.main = self.env.rank == 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed(cfg.trainer.seed)
         self._build_data()
@@ -58,8 +70,6 @@ class Trainer:
         wandb_id = self._resume()
         self.start_step = self.step
         self._start_tracker(wandb_id)
-
-    # ------------------------------------------------------------ setup
 
     def _seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts them)
@@ -134,8 +144,12 @@ class Trainer:
         self.optimizer = optim.build(self.net, o.name, self.lr, o.weight_decay, o.momentum, o.nesterov,
                                      tuple(o.betas))
         milestones = [round(m * steps) for m in s.milestones] if s.kind == "step" else []
-        self.scheduler = schedule.build_scheduler(self.optimizer, s.kind, self.total_steps, warmup, start,
-                                                  s.min_factor, milestones, s.gamma)
+        try:
+            self.scheduler = schedule.build_scheduler(self.optimizer, s.kind, self.total_steps, warmup, start,
+                                                      s.min_factor, milestones, s.gamma)
+        except ValueError as err:  # only knowable now: epochs became steps with the data's size
+            raise ConfigError(f"schedule (epochs -> {steps} steps per epoch, {self.total_steps} steps): "
+                              f"{err}") from err
         self.precision = _precision(cfg.trainer.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.recipe = schedule.describe(o.base_lr, cfg.loader.batch_size, self.env.world_size, o.accum_steps,
@@ -279,10 +293,13 @@ class Trainer:
         record = meter.flush(self.env.world_size)
         record.update(split="train", epoch=self.epoch, lr=self.scheduler.get_last_lr()[0])
         self.tracker.log(record, self.step)
-        if self.main:
-            log.info("step %d/%d epoch %d loss %.4f top1 %.4f lr %.4g %.0f img/s data-wait %.0f%%",
-                     self.step, self.total_steps, self.epoch, record["loss"], record["top1"], record["lr"],
-                     record["images_per_s"], 100 * record["data_wait"])
+        text = (f"epoch {self.epoch} loss {record['loss']:.4f} top1 {record['top1']:.4f} "
+                f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s "
+                f"data-wait {100 * record['data_wait']:.0f}%")
+        if sys.stderr.isatty():  # a bar on a terminal; plain lines in batch jobs, where a bar is noise
+            self.tracker.progress(self.step, self.total_steps, text)
+        elif self.main:
+            log.info("step %d/%d %s", self.step, self.total_steps, text)
 
     def _report_bad(self) -> None:
         """Unusable samples of the epoch: counted on every rank, listed by rank 0 in bad_samples.tsv."""
