@@ -13,6 +13,7 @@ from shards.config import ShardConfig
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture for tests marked slurm)
 
 
 def save_image(path: Path, size=(32, 24), mode="RGB", fmt=None, seed=0, **kw) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from train_fixtures import write_shardset
+from train_fixtures import assert_same_training_state, final_state, metrics, write_shardset
 
 from shards.config import ConfigError
 from trainer import rng
@@ -52,23 +52,6 @@ def train(cfg: TrainConfig) -> int:
     finally:
         trainer.close(code)
     return code
-
-
-def final_state(run_dir: Path) -> dict:
-    files = sorted((run_dir / "checkpoints").glob("step-*.pt"))
-    return torch.load(files[-1], map_location="cpu", weights_only=True)
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"]
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for pid, sa in a["optimizer"]["state"].items():
-        assert torch.equal(sa["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"]), pid
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------- in-process
@@ -283,3 +266,19 @@ def test_milestone_past_the_last_step_names_the_setting(shards, tmp_path):
                  "schedule.milestones=[1.0]")
     with pytest.raises(ConfigError, match=r"schedule .*32 steps per epoch, 6 steps.*milestones"):
         Trainer(cfg, DistEnv(0, 0, 1, 1, "127.0.0.1", 1, "single"))
+
+
+def test_signal_before_the_trainer_exists_is_not_lost():
+    """SLURM may signal a job while it still imports torch: recorded, then honoured by the StopFlag."""
+    from trainer import preempt
+
+    saved = signal.getsignal(signal.SIGUSR2)
+    try:
+        preempt.listen_early(["SIGUSR2"])
+        os.kill(os.getpid(), signal.SIGUSR2)
+        flag = preempt.StopFlag(["SIGUSR2", "SIGTERM"])
+        assert flag.requested and flag.received == "SIGUSR2"
+        flag.restore()
+    finally:
+        preempt._early.clear()
+        signal.signal(signal.SIGUSR2, saved)

@@ -69,3 +69,22 @@ def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | N
             "splits": splits}
     (root / "_info.json").write_text(json.dumps(info, indent=1))
     return root
+
+
+def final_state(run_dir: Path) -> dict:
+    """The newest step checkpoint of a run, loaded as the trainer does (weights_only)."""
+    files = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    return torch.load(files[-1], map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Bitwise equality of parameters, buffers and SGD momentum."""
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pid, sa in a["optimizer"]["state"].items():
+        assert torch.equal(sa["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"]), pid
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

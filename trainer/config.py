@@ -171,6 +171,57 @@ class LoggerConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Where the run executes: `local` (this process; torchrun/srun set the ranks) or `slurm` (Submitit)."""
+
+    kind: str = "local"             # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 0          # one task (rank) per GPU; 0: CPU nodes, tasks_per_node ranks each
+    tasks_per_node: int = 1         # used when gpus_per_node is 0
+    cpus_per_task: int = 8          # DataLoader workers + the training process
+    mem_gb: int | None = None       # per node; null: the partition's default
+    time_min: int = 60              # wall-clock limit of each (re)start
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    setup: list[str] = field(default_factory=list)  # lines run before srun: module loads, venv activation
+    sbatch_extra: dict[str, str] = field(default_factory=dict)  # other #SBATCH options: {mail-type: END}
+    signal: str = "USR2"            # sent to every task signal_lead_s before the time limit
+    signal_lead_s: int = 120        # time to finish a step and write a checkpoint
+    max_requeues: int = 10          # preemptions/time limits after which the job is left to fail
+    log_dir: str | None = None      # Submitit's folder (sbatch script, logs); default: run_dir/slurm
+    job_name: str = "taxotrain"
+    wait: bool = False              # block until the job ends and report its state
+    dry_run: bool = False           # print the sbatch script that would be submitted; submit nothing
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, "launcher.kind", ("local", "slurm"))
+        _check(self.nodes >= 1, "launcher.nodes", "must be >= 1")
+        _check(self.gpus_per_node >= 0, "launcher.gpus_per_node", "must be >= 0")
+        _check(self.tasks_per_node >= 1, "launcher.tasks_per_node", "must be >= 1")
+        _check(self.cpus_per_task >= 1, "launcher.cpus_per_task", "must be >= 1")
+        _check(self.mem_gb is None or self.mem_gb > 0, "launcher.mem_gb", "must be > 0 or null")
+        _check(self.time_min >= 1, "launcher.time_min", "must be >= 1")
+        _check(self.signal in ("USR1", "USR2", "TERM"), "launcher.signal", "must be USR1, USR2 or TERM")
+        _check(0 < self.signal_lead_s < self.time_min * 60, "launcher.signal_lead_s",
+               f"must be in (0, launcher.time_min x 60 = {self.time_min * 60})")
+        _check(self.max_requeues >= 0, "launcher.max_requeues", "must be >= 0")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node or self.tasks_per_node
+
+
+@dataclass
+class PathsConfig:
+    """Site paths, usually set once in the git-ignored conf/local/default.yaml."""
+
+    runs: str = "runs"              # where run directories go when run_dir is not given explicitly
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -179,9 +230,14 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     run_dir: str = "???"
 
     def __post_init__(self) -> None:
+        if "SIG" + self.launcher.signal not in self.trainer.signals:
+            raise ConfigError(f"launcher.signal={self.launcher.signal} is not in trainer.signals="
+                              f"{self.trainer.signals}: the job would be killed instead of checkpointing")
         if self.schedule.kind == "step" and self.trainer.max_steps is None:
             _check(all(self.schedule.warmup_epochs <= m <= self.trainer.epochs
                        for m in self.schedule.milestones), "schedule.milestones",

@@ -299,3 +299,23 @@ def cleanup() -> None:
     """Leave the process group if there is one; safe to call twice or without init()."""
     if _initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the SLURM job around this process
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    job_id: str           # "123", or "123_4" for array task 4 (what scontrol requeue takes)
+    restarts: int         # times this job was requeued (SLURM_RESTART_COUNT)
+
+
+def slurm_job(environ: Mapping[str, str] | None = None) -> SlurmJob | None:
+    """The job this process runs in (batch shell or srun task), or None outside SLURM."""
+    env = os.environ if environ is None else environ
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array}_{task}" if array and task else env["SLURM_JOB_ID"]
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
+    return SlurmJob(job_id, int(restarts) if restarts.isdigit() else 0)

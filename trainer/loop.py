@@ -141,6 +141,11 @@ class Trainer:
         start = s.warmup_start_factor
         if start is None:
             start = schedule.goyal_start_factor(self.global_batch, o.base_batch)
+            if warmup and start == 1.0:  # Goyal's warmup starts at the unscaled lr, which is the peak here
+                log.warning("schedule.warmup_epochs=%s has no effect: the global batch %d is not above "
+                            "optim.base_batch=%d, so the lr is not scaled up; set "
+                            "schedule.warmup_start_factor to warm up anyway",
+                            s.warmup_epochs, self.global_batch, o.base_batch)
         self.optimizer = optim.build(self.net, o.name, self.lr, o.weight_decay, o.momentum, o.nesterov,
                                      tuple(o.betas))
         milestones = [round(m * steps) for m in s.milestones] if s.kind == "step" else []
@@ -199,6 +204,11 @@ class Trainer:
                                config={**config, "recipe": self.recipe}, run_id=wandb_id)
         if self.main:
             log.info("recipe: %s", ", ".join(f"{k}={v}" for k, v in self.recipe.items()))
+            job = distributed.slurm_job()
+            if job is not None:  # a requeued job shows how often it came back, and from which step
+                log.info("SLURM job %s, requeued %d times, starting at step %d", job.job_id, job.restarts,
+                         self.step)
+                self.tracker.log({"split": "job", "requeues": job.restarts, "epoch": self.epoch}, self.step)
 
     # ------------------------------------------------------------ training
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
+# no torch at import time: `listen_early()` runs before the heavy imports of a starting job
 log = logging.getLogger(__name__)
+EARLY_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+_early: set[str] = set()  # signals received before the trainer's StopFlag existed
 
 # sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": the launcher requeues a
 # job that exits with this code; it means "checkpoint written, not finished".
@@ -30,12 +34,24 @@ class Status(IntEnum):
     FAILED = 2  # some rank failed (e.g. its data): every rank exits with an error
 
 
+def listen_early(names: Iterable[str] = EARLY_SIGNALS) -> None:
+    """Record preemption signals from process start on: Python's default action for SIGUSR1/2 and
+    SIGTERM kills the process, and SLURM may signal a job while it is still importing torch."""
+    def record(signum: int, _frame: FrameType | None) -> None:
+        _early.add(signal.Signals(signum).name)
+
+    for name in names:
+        signal.signal(signal.Signals[name], record)
+
+
 class StopFlag:
-    """Installs handlers for the named signals; `requested` turns true when one arrives."""
+    """Installs handlers for the named signals; `requested` turns true when one arrives (or arrived
+    before, while `listen_early` was recording)."""
 
     def __init__(self, signals: Sequence[str]) -> None:
-        self.requested = False
-        self.received: str | None = None
+        pending = sorted(_early.intersection(signals))
+        self.requested = bool(pending)
+        self.received: str | None = pending[0] if pending else None
         self._previous: dict[signal.Signals, object] = {}
         for name in signals:
             sig = signal.Signals[name]
@@ -53,6 +69,9 @@ class StopFlag:
 
 def agree(status: Status, device: torch.device) -> Status:
     """The highest status of all ranks (one small all_reduce); the local status without a group."""
+    import torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return status
     flag = torch.tensor([int(status)], dtype=torch.int32, device=device)

@@ -1,0 +1,198 @@
+"""Training throughput (images/s) of `launch.train`: synthetic input, WebDataset shards, or both side by side.
+
+Runs `python -m launch.train` for `--steps` optimizer steps (`trainer.max_steps`) per backend and reads
+its `metrics.jsonl`: every `--log-every` steps a "train" line carries images_per_s (global, over that
+interval) and data_wait (fraction of the interval spent waiting for the next batch). The first line holds
+the start-up (DataLoader workers, first allocations, cuDNN autotuning) and is skipped; the table gives
+the median and min-max of the remaining lines.
+
+- `--backend synthetic`: `data.backend=synthetic`, random uint8 images made once and reused, so the number
+  is the model's forward/backward/optimizer step plus the loop's own overhead, with no input cost.
+- `--backend webdataset`: the same loop reading `--shards` (decode + RandomResizedCrop in
+  `--workers` DataLoader processes), without validation.
+- `--backend both`: both, in that order, with the synthetic run given the shards' class count and sample
+  count so the two differ only in where the batches come from; the table adds the images/s ratio.
+
+Precision `auto` is bf16 on a GPU and fp32 on a CPU. GPU reference (ResNet-50, 224 px, 64 per GPU):
+
+    python benchmarks/train_throughput.py --model resnet50 --crop 224 --batch 64 --steps 120 --log-every 20 \
+        --precision auto --backend synthetic
+
+CPU check and the data-loading comparison on the demo shards (what docs/BENCHMARKS.md reports):
+
+    python benchmarks/train_throughput.py --model resnet18 --crop 64 --batch 16 --steps 30 --log-every 5 \
+        --backend synthetic
+    python benchmarks/train_throughput.py --model resnet18 --crop 28 --batch 64 --steps 60 --log-every 10 \
+        --backend both --shards /tmp/goyal-shards --workers 1
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Row:
+    backend: str
+    model: str
+    crop: int
+    batch: int
+    precision: str
+    device: str
+    lines_used: int
+    images_per_s: float
+    min: float
+    max: float
+    data_wait: float
+    ratio_to_synthetic: float | None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64, help="loader.batch_size (per rank)")
+    p.add_argument("--steps", type=int, default=120, help="trainer.max_steps")
+    p.add_argument("--log-every", type=int, default=20, help="trainer.log_every; the first line is skipped")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--backend", default="synthetic", choices=("synthetic", "webdataset", "both"))
+    p.add_argument("--shards", type=Path, help="shards.build output (webdataset and both)")
+    p.add_argument("--workers", type=int, default=4, help="loader.workers")
+    p.add_argument("--classes", type=int, default=1000, help="synthetic backend alone: classifier outputs")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compile", action="store_true", help="model.compile=true")
+    p.add_argument("--repeats", type=int, default=1, help="runs per backend, interleaved; lines pooled")
+    p.add_argument("--keep", action="store_true", help="keep the run dirs (default: deleted)")
+    p.add_argument("--json", type=Path, help="also write the rows as a JSON list to this file")
+    p.add_argument("--repo", type=Path, default=REPO,
+                   help="checkout whose launch.train runs (default: this one), e.g. a `git archive` snapshot")
+    p.add_argument("overrides", nargs="*", help="extra hydra overrides for every run")
+    return p.parse_args(argv)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpu}, {cores} usable cores, {gpu}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def shard_counts(shards: Path) -> tuple[int, int]:
+    """(train samples, classes) from the manifest written by shards.build."""
+    info = json.loads((shards / "_info.json").read_text())
+    train = info["splits"]["train"]
+    return int(train["num_samples"]), len((shards / "classes.txt").read_text().split())
+
+
+def command(args: argparse.Namespace, backend: str, run_dir: Path, samples: int | None,
+            classes: int) -> list[str]:
+    cmd = [sys.executable, "-m", "launch.train", f"run_dir={run_dir}", "logger.mode=disabled",
+           f"model.name={args.model}", f"data.crop_size={args.crop}", f"loader.batch_size={args.batch}",
+           f"loader.workers={args.workers}", f"trainer.max_steps={args.steps}",
+           f"trainer.log_every={args.log_every}", f"trainer.precision={args.precision}",
+           f"model.channels_last={str(args.channels_last).lower()}",
+           f"model.compile={str(args.compile).lower()}"]
+    if backend == "synthetic":
+        cmd += ["data.backend=synthetic", "data.shards=none", f"data.synthetic_classes={classes}"]
+        cmd += [f"data.synthetic_samples={samples}"] if samples else []
+    else:
+        cmd += [f"data.shards={args.shards}", "data.val_split=null"]
+    return cmd + list(args.overrides)
+
+
+def train(cmd: list[str], run_dir: Path, repo: Path) -> list[dict]:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: exit {done.returncode} from {' '.join(cmd[1:])}\n{done.stdout[-3000:]}"
+                 f"{done.stderr[-3000:]}")
+    print(f"  {' '.join(cmd[1:])}\n  -> {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [x for x in lines if x.get("split") == "train" and "images_per_s" in x]
+
+
+def recipe(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {k.removeprefix("recipe/"): v for k, v in summary.items() if k.startswith("recipe/")}
+
+
+def to_row(args: argparse.Namespace, backend: str, used: list[dict], derived: dict) -> Row:
+    rates = [float(x["images_per_s"]) for x in used]
+    wait = statistics.median(float(x["data_wait"]) for x in used)
+    return Row(backend, args.model, args.crop, args.batch, str(derived["precision"]), str(derived["device"]),
+               len(used), statistics.median(rates), min(rates), max(rates), wait, None)
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| backend | model | crop | batch | precision | device | lines used | images/s (median) "
+             "| min-max | data_wait (median) | ratio to synthetic |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = "-" if r.ratio_to_synthetic is None else f"{r.ratio_to_synthetic:.3f}"
+        lines.append(f"| {r.backend} | {r.model} | {r.crop} | {r.batch} | {r.precision} | {r.device} "
+                     f"| {r.lines_used} | {r.images_per_s:.1f} | {r.min:.1f}-{r.max:.1f} "
+                     f"| {100 * r.data_wait:.1f}% | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.steps < 2 * args.log_every:
+        sys.exit("error: --steps must be at least 2 x --log-every (the first line is warm-up)")
+    backends = ["synthetic", "webdataset"] if args.backend == "both" else [args.backend]
+    samples, classes = None, args.classes
+    if "webdataset" in backends:
+        if args.shards is None or not (args.shards / "_info.json").exists():
+            sys.exit("error: --backend webdataset/both needs --shards DIR (a shards.build output)")
+        samples, classes = shard_counts(args.shards)
+    print(f"machine: {machine()}")
+    print(f"runs: {args.repeats} x {args.steps} steps per backend, a train line every {args.log_every}, "
+          f"the first of each run skipped; channels_last={args.channels_last}, workers={args.workers}\n")
+    used: dict[str, list[dict]] = {b: [] for b in backends}
+    derived: dict[str, dict] = {}
+    load_before = os.getloadavg()[0]
+    scratch = Path(tempfile.mkdtemp(prefix="taxotrain-throughput-"))
+    try:
+        for r in range(args.repeats):  # backends interleaved, so drifting load hits both alike
+            for backend in backends:
+                run_dir = scratch / f"{backend}-{r}"
+                lines = train(command(args, backend, run_dir, samples, classes), run_dir, args.repo)
+                if len(lines) < 2:
+                    sys.exit(f"error: {len(lines)} train line(s); raise --steps or lower --log-every")
+                used[backend] += lines[1:]  # the first line holds the start-up
+                derived[backend] = recipe(run_dir)
+        rows = [to_row(args, b, used[b], derived[b]) for b in backends]
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if len(rows) == 2:
+        base = rows[0].images_per_s
+        rows = [Row(**{**asdict(r), "ratio_to_synthetic": r.images_per_s / base}) for r in rows]
+    print(markdown(rows))
+    print(f"\n1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+          f"(above ~0 on an idle machine: other processes shared the cores)")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
