@@ -143,7 +143,7 @@ def _folder(cfg: TrainConfig) -> Path:
     return Path(cfg.launcher.log_dir or Path(cfg.run_dir) / "slurm").expanduser().resolve()
 
 
-def _for_the_job(cfg: TrainConfig) -> TrainConfig:
+def for_the_job(cfg: TrainConfig) -> TrainConfig:
     # relative paths are relative to the submitting directory, not to wherever the job lands
     data = replace(cfg.data, shards=str(Path(cfg.data.shards).expanduser().resolve())
                    if cfg.data.backend == "webdataset" else cfg.data.shards)
@@ -153,7 +153,7 @@ def _for_the_job(cfg: TrainConfig) -> TrainConfig:
 def submit(cfg: TrainConfig) -> int:
     """Submit one training job; print its id and log path; with launcher.wait, its final state."""
     preflight(cfg)
-    cfg = _for_the_job(cfg)
+    cfg = for_the_job(cfg)
     ex = executor(cfg.launcher, _folder(cfg))
     if cfg.launcher.dry_run:
         print(dry_run_script(ex))
@@ -190,7 +190,23 @@ def _wait(job: submitit.Job) -> int:
 def defer(cfg: TrainConfig) -> None:
     """A sweep point of `-m launcher=slurm`: checked now, submitted with the others by ArrayCallback."""
     preflight(cfg)
-    _PENDING.append(_for_the_job(cfg))
+    _PENDING.append(for_the_job(cfg))
+
+
+def submit_array(cfgs: list[TrainConfig], folder: Path) -> int:
+    """All runs as one SLURM job array (same launcher settings); with launcher.wait, wait for all."""
+    first = cfgs[0]
+    if len({repr(c.launcher) for c in cfgs}) > 1:
+        raise ConfigError("launcher.*: a job array needs the same launcher settings for every run")
+    ex = executor(first.launcher, folder)
+    if first.launcher.dry_run:
+        print(dry_run_script(ex))
+        print(f"dry run: {len(cfgs)} array tasks; run_dirs: {[c.run_dir for c in cfgs]}")
+        return 0
+    with ex.batch():
+        jobs = [ex.submit(TrainTask(c)) for c in cfgs]
+    print(f"submitted SLURM job array of {len(jobs)}: {[j.job_id for j in jobs]}\n  logs: {folder}")
+    return max(_wait(j) for j in jobs) if first.launcher.wait else 0
 
 
 class ArrayCallback(Callback):
@@ -200,19 +216,7 @@ class ArrayCallback(Callback):
         pending, _PENDING[:] = list(_PENDING), []
         if not pending:
             return
-        launchers = {repr(c.launcher) for c in pending}
-        if len(launchers) > 1:
-            raise ConfigError("launcher.*: a job array needs the same launcher settings in every sweep point")
         first = pending[0]
         folder = Path(first.launcher.log_dir or Path(first.run_dir).parent / "slurm").resolve()
-        ex = executor(first.launcher, folder)
-        if first.launcher.dry_run:
-            print(f"dry run: {len(pending)} array tasks; run_dirs: {[c.run_dir for c in pending]}")
-            return
-        with ex.batch():
-            jobs = [ex.submit(TrainTask(c)) for c in pending]
-        print(f"submitted SLURM job array of {len(jobs)}: {[j.job_id for j in jobs]}\n  logs: {folder}")
-        if first.launcher.wait:
-            codes = [_wait(j) for j in jobs]
-            if any(codes):
-                raise SystemExit(1)
+        if submit_array(pending, folder):
+            raise SystemExit(1)

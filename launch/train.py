@@ -40,7 +40,7 @@ def run(cfg: schema.TrainConfig) -> int:
     env = distributed.detect()
     if env.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # one rank speaks; the others only warn
-    trainer, code = None, EXIT_FAILED
+    trainer, code, owned = None, EXIT_FAILED, not distributed.initialized()
     try:
         trainer = Trainer(cfg, env)
         code = trainer.fit()
@@ -50,7 +50,7 @@ def run(cfg: schema.TrainConfig) -> int:
     finally:
         if trainer is not None:
             trainer.close(code)
-        else:
+        elif owned:
             distributed.cleanup()
     return code
 

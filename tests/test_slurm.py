@@ -6,6 +6,7 @@ compared bit for bit with an uninterrupted run of the same configuration.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -134,8 +135,8 @@ def test_submitit_preemption_requeues_and_ends_bitwise_equal(reference, shards, 
 def test_time_limit_checkpoints_and_requeues_until_done(shards, tmp_path):
     run_dir = tmp_path / "run"
     # 2 minutes per start, USR2 60 s before the end (SLURM may send it up to 60 s earlier still): each
-    # start trains for well under a minute, and ResNet-18 at 32 px needs several minutes for 150 steps
-    job = submit_sbatch(run_dir, shards, "trainer.max_steps=150", "trainer.log_every=10",
+    # start trains for well under a minute, and ResNet-18 at 32 px needs minutes for 120 steps
+    job = submit_sbatch(run_dir, shards, "trainer.max_steps=120", "trainer.log_every=10",
                         "model.name=resnet18", "data.crop_size=32", "loader.batch_size=8",
                         "logger.mode=disabled", "loader.workers=0", "data.val_split=null",
                         options=("--time=2", "--signal=USR2@60", "--export=ALL,MAX_REQUEUES=30"))
@@ -144,7 +145,7 @@ def test_time_limit_checkpoints_and_requeues_until_done(shards, tmp_path):
     starts = [m["step"] for m in metrics(run_dir) if m["split"] == "job"]
     assert len(starts) == int(info["Restarts"]) + 1
     assert starts == sorted(starts) and starts[1] > 0  # every start resumed; none began again at 0
-    assert final_state(run_dir)["step"] == 150
+    assert final_state(run_dir)["step"] == 120
 
 
 def test_sweep_runs_as_one_array_of_two_jobs(shards, tmp_path):
@@ -212,3 +213,20 @@ def test_a_crashed_task_ends_the_whole_job(shards, tmp_path):
     os.kill(pid, signal.SIGKILL)
     info = wait_job(job, timeout=120)  # rank 0 errors (gloo) or srun --wait ends it: no rank left waiting
     assert info["JobState"] == "FAILED", info
+
+
+def test_bag_sbatch_trains_one_member_per_array_task(shards, tmp_path):
+    bag = tmp_path / "bag"
+    job = sbatch("--array=0-1", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1",
+                 f"--output={tmp_path}/%A_%a.out", str(REPO / "slurm" / "bag.sbatch"), "bag.members=2",
+                 f"data.shards={shards}", f"run_dir={bag}", *TRAIN, "trainer.max_steps=3",
+                 "data.val_split=null", "logger.mode=disabled", "loader.workers=0",
+                 env={**os.environ, "PYTHON": sys.executable})
+    for task in (0, 1):
+        info = wait_job(f"{job}_{task}")
+        assert info["JobState"] == "COMPLETED", info
+    members = [m["name"] for m in json.loads((bag / "bag.json").read_text())["members"]]
+    assert members == ["member-00", "member-01"]
+    states = [final_state(bag / name) for name in members]
+    assert [s["step"] for s in states] == [3, 3]
+    assert [s["config"]["data"]["bootstrap_member"] for s in states] == [0, 1]

@@ -42,6 +42,9 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # per shard: more undecodable samples than this stops the run
     synthetic_samples: int = 1_281_167  # synthetic backend: "dataset" size (ImageNet-1k train)
     synthetic_classes: int = 1000
+    # bagging (set by launch.bag): this member's bootstrap resample of the training split; null: none
+    bootstrap_member: int | None = None
+    bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
         _one_of(self.backend, "data.backend", ("webdataset", "synthetic"))
@@ -57,6 +60,8 @@ class DataConfig:
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
         _check(0 <= self.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
         _check(self.synthetic_samples > 0 and self.synthetic_classes > 0, "data.synthetic_*", "must be > 0")
+        _check(self.bootstrap_member is None or self.bootstrap_member >= 0, "data.bootstrap_member",
+               "must be >= 0 or null")
 
 
 @dataclass
@@ -222,6 +227,23 @@ class PathsConfig:
 
 
 @dataclass
+class BagConfig:
+    """`python -m launch.bag`: K members trained into run_dir/member-XX, recorded in run_dir/bag.json."""
+
+    members: int = 2
+    strategy: str = "bootstrap"     # bootstrap: a Poisson(1) resample per member | seed: seeds only
+    seed: int = 0                   # the bag's seed: member i trains with seed*1000 + i
+    models: list[str] = field(default_factory=list)  # architectures, cycled over members; empty: model.name
+    only: int | None = None         # train just this member (an array task); null: all of them
+
+    def __post_init__(self) -> None:
+        _check(self.members >= 1, "bag.members", "must be >= 1")
+        _one_of(self.strategy, "bag.strategy", ("bootstrap", "seed"))
+        _check(self.only is None or 0 <= self.only < self.members, "bag.only",
+               f"must be in [0, bag.members={self.members}) or null")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -232,6 +254,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    bag: BagConfig = field(default_factory=BagConfig)  # read by launch.bag only
     run_dir: str = "???"
 
     def __post_init__(self) -> None:

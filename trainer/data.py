@@ -29,6 +29,7 @@ the shard named. Nothing sleeps per bad sample.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     shuffle_initial: int = 100
     max_bad_fraction: float = 0.01
+    bootstrap_member: int | None = None  # bagging: repeat each sample bootstrap_count(...) times
+    bootstrap_seed: int = 0
 
 
 # ---------------------------------------------------------------- planning (pure, tested directly)
@@ -135,6 +138,20 @@ def quotas(batches: int, workers: int) -> list[int]:
 
 def sample_seed(*parts: object) -> int:
     return stable_hash("augment", *parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def bootstrap_count(seed: int, member: int, key: str) -> int:
+    """How often a sample appears in a member's bootstrap resample: Poisson(1), drawn from
+    (bag seed, member, key) alone, so the resample is the same on every rerun, rank and worker and
+    needs no global index (the Poisson form of the bootstrap used for streamed data)."""
+    u = stable_hash("bootstrap", seed, member, key) / 2**64
+    k, p = 0, math.exp(-1.0)
+    cdf = p
+    while u >= cdf and k < 20:  # P(k > 20) is below 1e-19
+        k += 1
+        p /= k
+        cdf += p
+    return k
 
 
 # ---------------------------------------------------------------- reading
@@ -215,15 +232,21 @@ class TrainStream(IterableDataset):
         shards = [self.shards[i] for i in self.slots[logical]]
         rng = random.Random(stable_hash("shuffle", self.cfg.seed, self.epoch, self.rank, logical))
 
+        member, bag_seed = self.cfg.bootstrap_member, self.cfg.bootstrap_seed
+
         def cycle() -> Iterator[dict]:
             while True:  # start over when the slot's shards run out before its quota
                 yielded = 0
                 for shard in shards:
                     for sample in read_shard(shard):
-                        yielded += 1
-                        yield sample
+                        key = sample["__key__"]
+                        repeats = 1 if member is None else bootstrap_count(bag_seed, member, key)
+                        for _ in range(repeats):
+                            yielded += 1
+                            yield sample
                 if yielded == 0:
-                    raise DataError(f"shards {[s.name for s in shards]} hold no samples at all")
+                    raise DataError(f"shards {[s.name for s in shards]} yield no samples"
+                                    + (f" in bootstrap member {member}" if member is not None else ""))
 
         return wds.filters._shuffle(cycle(), self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
 

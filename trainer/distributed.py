@@ -263,7 +263,7 @@ def init(env: DistEnv, timeout_s: float, backend: str | None = None) -> torch.de
     device = select_device(env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and barrier() use the current device
-    if env.world_size > 1:
+    if env.world_size > 1 and not _initialized():  # a bag's members share the group of their launch
         # a short timeout turns a dead or diverged peer into an error instead of gloo's 30 min hang
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),
                                 init_method=f"tcp://{_host(env.master_addr)}:{env.master_port}",
@@ -274,6 +274,11 @@ def init(env: DistEnv, timeout_s: float, backend: str | None = None) -> torch.de
 
 def _host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr else addr  # an IPv6 literal needs brackets in a URL
+
+
+def initialized() -> bool:
+    """Whether a process group exists (one launch.bag set up for all its members, say)."""
+    return _initialized()
 
 
 def _initialized() -> bool:

@@ -46,6 +46,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.tracker: Tracker | None = None
         self.stop = StopFlag(cfg.trainer.signals)  # first, so an early signal is not lost
+        self._owns_group = not distributed.initialized()  # else a bag's launch owns it
         try:
             self.device = distributed.init(env, cfg.trainer.dist_timeout_s)
             self._setup()
@@ -97,7 +98,8 @@ class Trainer:
         self.classes = train_set.classes
         self.steps_per_epoch = data.steps_per_epoch(train_set.num_samples, batch, env.world_size, accum)
         stream_cfg = StreamConfig(batch, cfg.trainer.seed, cfg.data.shuffle_buffer,
-                                  min(100, cfg.data.shuffle_buffer), cfg.data.max_bad_fraction)
+                                  min(100, cfg.data.shuffle_buffer), cfg.data.max_bad_fraction,
+                                  cfg.data.bootstrap_member, cfg.data.bootstrap_seed)
         stream = data.TrainStream(train_set, train_transform(self.aug), stream_cfg, env.rank,
                                   env.world_size, cfg.loader.workers, self.steps_per_epoch * accum)
         self.loader = data.ShardLoader(stream, cfg.loader.workers, self._pin(), cfg.loader.prefetch)
@@ -397,7 +399,8 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.finish(exit_code)
         self.stop.restore()
-        distributed.cleanup()
+        if self._owns_group:
+            distributed.cleanup()
 
 
 class _Meter:
