@@ -230,3 +230,14 @@ def test_bag_sbatch_trains_one_member_per_array_task(shards, tmp_path):
     states = [final_state(bag / name) for name in members]
     assert [s["step"] for s in states] == [3, 3]
     assert [s["config"]["data"]["bootstrap_member"] for s in states] == [0, 1]
+
+
+def test_evaluate_sbatch_on_two_nodes_counts_every_sample_once(reference, shards, tmp_path):
+    job = sbatch("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--output={tmp_path}/%j.out",
+                 str(REPO / "slurm" / "evaluate.sbatch"), f"bag={reference}", f"data.shards={shards}",
+                 "data.split=val", "workers=1", f"out={tmp_path}/eval",
+                 env={**os.environ, "PYTHON": sys.executable})
+    info = wait_job(job)
+    assert info["JobState"] == "COMPLETED", info
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["ensemble"]["n"] == sum(UNEVEN["val"])
