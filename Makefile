@@ -16,14 +16,14 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dali,test]'
 	touch $@
 
-# 5,000 MNIST digits -> 20 shards -> 2 epochs of ResNet-18 on CPU (a few minutes); running it again
-# resumes the finished run, which then has nothing left to do
+# 5,000 MNIST digits -> 20 verified shards -> a bag of 2 ResNet-18 members on bootstrap resamples
+# (conf/experiment/demo.yaml) -> report of each member and the ensemble. Running it again resumes
+# the finished runs, which then have nothing left to do.
 demo: install
 	$(PY) -m shards.build source=demo out=$(DEMO_DIR)/shards shard.maxcount=250
 	$(PY) -m shards.verify dir=$(DEMO_DIR)/shards
-	$(PY) -m launch.train data.shards=$(DEMO_DIR)/shards run_dir=$(DEMO_DIR)/train \
-	    model.name=resnet18 data.crop_size=28 data.scale='[0.35,1.0]' loader.batch_size=64 loader.workers=1 \
-	    optim.base_lr=0.4 schedule.warmup_epochs=0.5 trainer.epochs=2 trainer.log_every=10 logger.mode=offline
+	$(PY) -m launch.bag experiment=demo bag.members=2 data.shards=$(DEMO_DIR)/shards run_dir=$(DEMO_DIR)/bag
+	$(PY) -m launch.evaluate bag=$(DEMO_DIR)/bag data.shards=$(DEMO_DIR)/shards data.split=test workers=1
 
 test: install
 	$(PY) -m ruff check .
