@@ -67,8 +67,7 @@ def train_bag(cfg: schema.TrainConfig) -> int:
 
         for member in chosen:
             slurm.preflight(member)
-        return slurm.submit_array([slurm.for_the_job(m) for m in chosen],
-                                  Path(cfg.launcher.log_dir or Path(cfg.run_dir) / "slurm").resolve())
+        return slurm.submit_array([slurm.for_the_job(m) for m in chosen], slurm.log_folder(cfg))
     # one process group for all members: creating a second one on the same port can hang
     distributed.init(distributed.detect(), cfg.trainer.dist_timeout_s)
     try:

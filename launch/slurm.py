@@ -139,7 +139,8 @@ def executor(launcher: LauncherConfig, folder: Path) -> submitit.SlurmExecutor:
     return ex
 
 
-def _folder(cfg: TrainConfig) -> Path:
+def log_folder(cfg: TrainConfig) -> Path:
+    """Submitit's folder (sbatch script, logs, results): launcher.log_dir, else run_dir/slurm."""
     return Path(cfg.launcher.log_dir or Path(cfg.run_dir) / "slurm").expanduser().resolve()
 
 
@@ -154,7 +155,7 @@ def submit(cfg: TrainConfig) -> int:
     """Submit one training job; print its id and log path; with launcher.wait, its final state."""
     preflight(cfg)
     cfg = for_the_job(cfg)
-    ex = executor(cfg.launcher, _folder(cfg))
+    ex = executor(cfg.launcher, log_folder(cfg))
     if cfg.launcher.dry_run:
         print(dry_run_script(ex))
         return 0

@@ -205,8 +205,7 @@ class TrainStream(IterableDataset):
         self.transform, self.cfg = transform, cfg
         self.rank, self.world, self.workers = rank, world, max(1, workers)
         self.batches_per_epoch = batches_per_epoch
-        deal([s.num_samples for s in self.shards], range(len(self.shards)), world * self.workers)
-        self.set_epoch(0, None)
+        self.set_epoch(0, None)  # deals the shards: too few for the readers is an error here, at start
 
     def set_epoch(self, epoch: int, position: EpochPosition | None) -> None:
         self.epoch = epoch

@@ -59,6 +59,9 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         self.main = self.env.rank == 0
+        # resolved once: written to config.yaml, W&B and every checkpoint
+        self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        self.workers = max(1, cfg.loader.workers)  # DataLoader workers, or 1 reading in-process
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed(cfg.trainer.seed)
         self._build_data()
@@ -186,19 +189,18 @@ class Trainer:
         return state.get("wandb_id")
 
     def _restore_position(self, saved: dict) -> EpochPosition:
-        workers = max(1, self.cfg.loader.workers)
         batches = int(saved["batches"])
-        if saved["world"] == self.env.world_size and saved["workers"] == workers:
+        if saved["world"] == self.env.world_size and saved["workers"] == self.workers:
             return EpochPosition(batches, int(saved["offset"]), list(saved["worker_batches"][self.env.rank]),
                                  list(saved["worker_consumed"][self.env.rank]))
         if batches:
             log.warning("data position saved for %s ranks x %s workers, now %d x %d: the rest of epoch %d "
                         "is dealt afresh from batch %d", saved["world"], saved["workers"],
-                        self.env.world_size, workers, self.epoch, batches)
+                        self.env.world_size, self.workers, self.epoch, batches)
         return EpochPosition(batches, offset=batches)
 
     def _start_tracker(self, wandb_id: str | None) -> None:
-        config = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
+        config = self.config_dict
         if self.main:
             provenance.write(self.run_dir, config, world_size=self.env.world_size, rank=self.env.rank)
         self.tracker = Tracker(self.run_dir, is_main=self.main, mode=self.cfg.logger.mode,
@@ -239,7 +241,7 @@ class Trainer:
                     return status
                 self._optimizer_step(micro, meter)
                 for batch in micro:
-                    self.position.advance(batch, max(1, self.cfg.loader.workers))
+                    self.position.advance(batch, self.workers)
                 self.step += 1
                 if self.step % self.cfg.trainer.log_every == 0 or self.step == self.total_steps:
                     self._log_train(meter)
@@ -370,10 +372,10 @@ class Trainer:
 
     def _save(self, metric: float | None) -> None:
         """Every rank contributes its data position and RNG states; rank 0 writes."""
-        workers = max(1, self.cfg.loader.workers)
+        zeros = [0] * self.workers  # no batch taken yet in this epoch
         mine = {"batches": self.position.batches, "offset": self.position.offset,
-                "worker_batches": self.position.worker_batches or [0] * workers,
-                "worker_consumed": self.position.worker_consumed or [0] * workers, "rng": rng.capture()}
+                "worker_batches": self.position.worker_batches or zeros,
+                "worker_consumed": self.position.worker_consumed or zeros, "rng": rng.capture()}
         ranks = _gather([mine])
         state = {
             "model": self.net.state_dict(),
@@ -382,14 +384,14 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step,
             "epoch": self.epoch,
-            "position": {"world": self.env.world_size, "workers": workers,
+            "position": {"world": self.env.world_size, "workers": self.workers,
                          "batches": mine["batches"], "offset": mine["offset"],
                          "worker_batches": [r["worker_batches"] for r in ranks],
                          "worker_consumed": [r["worker_consumed"] for r in ranks]},
             "rng": [r["rng"] for r in ranks],
             "wandb_id": self.tracker.run_id if self.tracker else None,
             "classes": list(self.classes),
-            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
+            "config": self.config_dict,
             "recipe": self.recipe,
         }
         self.checkpoints.save(state, self.step, metric=metric)

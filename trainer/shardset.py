@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from shards.manifest import INFO
 from shards.writer import sha256_file
 
-INFO = "_info.json"
 CheckMode = Literal["sha256", "size", "off"]
 
 
