@@ -23,15 +23,14 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from shards.config import ConfigError
-from trainer import data, distributed, model, shardset
-from trainer.checkpoint import Checkpointer
+from trainer import data, distributed, shardset
 from trainer.ensemble import COMBINE, ProbabilityMetrics, combine
+from trainer.members import load_bag
 from trainer.provenance import write_text_atomic
 from trainer.tracker import jsonable
-from trainer.transforms import AugmentConfig, Normalize, eval_transform
+from trainer.transforms import AugmentConfig, eval_transform
 
 log = logging.getLogger("launch.evaluate")
 SUMMARY_KEYS = ("top1", "top5", "mrr", "balanced_acc", "nll", "ece", "n")
@@ -68,49 +67,9 @@ class EvaluateConfig:
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
-@dataclass
-class Member:
-    name: str
-    net: nn.Module
-    normalize: Normalize
-    classes: list[str]
-    config: dict
-
-
-def member_dirs(bag: Path, subset: list[str]) -> list[tuple[str, Path]]:
-    if (bag / "bag.json").is_file():
-        names = [m["name"] for m in json.loads((bag / "bag.json").read_text())["members"]]
-        found = [(n, bag / n) for n in names]
-    elif (bag / "checkpoints").is_dir():
-        found = [(bag.name, bag)]
-    else:
-        raise ConfigError(f"bag={str(bag)!r}: neither a bag (bag.json) nor a run directory (checkpoints/)")
-    if subset:
-        unknown = sorted(set(subset) - {n for n, _ in found})
-        if unknown:
-            raise ConfigError(f"members: {unknown} not in {str(bag)!r} (has {[n for n, _ in found]})")
-        found = [(n, d) for n, d in found if n in subset]
-    return found
-
-
-def load_member(name: str, run_dir: Path, which: str, device: torch.device) -> Member:
-    checkpoints = Checkpointer(run_dir / "checkpoints", is_main=False)
-    best = run_dir / "checkpoints" / "best.pt"
-    state = Checkpointer.load(best) if which == "best" and best.is_file() else checkpoints.load_latest()
-    if state is None:
-        raise ConfigError(f"member {name}: no checkpoint in {run_dir / 'checkpoints'}")
-    cfg = state["config"]
-    net = model.build(cfg["model"]["name"], len(state["classes"]))
-    net.load_state_dict(state["model"])
-    net.to(device).eval()
-    norm = Normalize(cfg["data"]["mean"], cfg["data"]["std"]).to(device)
-    log.info("member %s: %s at step %d", name, cfg["model"]["name"], state["step"])
-    return Member(name, net, norm, list(state["classes"]), cfg)
-
-
 @torch.no_grad()
 def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -> dict:
-    members = [load_member(n, d, cfg.checkpoint, device) for n, d in member_dirs(Path(cfg.bag), cfg.members)]
+    members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
     split = shardset.load(cfg.data.shards, cfg.data.split)
     for m in members:
         if m.classes != list(split.classes):

@@ -29,6 +29,7 @@ the shard named. Nothing sleeps per bad sample.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +64,8 @@ class Batch(NamedTuple):
     bad: tuple[BadRecord, ...] = ()
     worker: int = 0           # logical worker that made the batch
     consumed: int = 0         # samples that worker has taken from its shuffled stream, this one included
+    keys: tuple[str, ...] = ()    # evaluation only: each sample's key, and its `.json` metadata
+    meta: tuple[dict, ...] = ()
 
 
 @dataclass
@@ -282,14 +285,19 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """Every sample of the split exactly once across ranks x workers; the last batch may be short."""
+    """Every sample of the split exactly once across ranks x workers; the last batch may be short.
+
+    Batches carry each sample's key and `.json` metadata (class, source path, per-sample features)
+    for prediction and feature export. `labelled=False` reads samples without a `.cls` (label -1).
+    """
 
     def __init__(self, shardset: ShardSet, transform: Callable[[Tensor], Tensor], batch_size: int,
-                 rank: int, world: int, workers: int, max_bad_fraction: float) -> None:
+                 rank: int, world: int, workers: int, max_bad_fraction: float,
+                 labelled: bool = True) -> None:
         super().__init__()
         self.shards, self.num_classes = shardset.shards, shardset.num_classes
         self.transform, self.batch_size, self.max_bad = transform, batch_size, max_bad_fraction
-        self.workers = max(1, workers)
+        self.workers, self.labelled = max(1, workers), labelled
         slots = world * self.workers
         # no shuffle: a fixed deal, so a rank with no shard (fewer shards than readers) simply idles;
         # evaluation has no collective per batch, so uneven counts cannot hang
@@ -303,22 +311,42 @@ class EvalStream(IterableDataset):
         counter = BadCounter(mine, self.max_bad)
         images: list[Tensor] = []
         labels: list[int] = []
+        keys: list[str] = []
+        meta: list[dict] = []
         bad: list[BadRecord] = []
         for shard in mine:
             for sample in read_shard(shard):
                 try:
-                    image, label = decode(sample, self.num_classes)
+                    image, label = decode(sample, self.num_classes, self.labelled)
                     images.append(self.transform(image))
                     labels.append(label)
+                    keys.append(sample["__key__"])
+                    meta.append(sample_metadata(sample))
                 except BadSample as err:
                     bad.append(BadRecord(shard.name, sample.get("__key__", "?"), str(err)))
                     counter.add(bad[-1])
                 if len(images) == self.batch_size:
-                    yield Batch(torch.stack(images), torch.tensor(labels), tuple(bad))
-                    images, labels, bad = [], [], []
+                    yield Batch(torch.stack(images), torch.tensor(labels), tuple(bad), keys=tuple(keys),
+                                meta=tuple(meta))
+                    images, labels, keys, meta, bad = [], [], [], [], []
         if images or bad:
             yield Batch(torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
-                        torch.tensor(labels, dtype=torch.int64), tuple(bad))
+                        torch.tensor(labels, dtype=torch.int64), tuple(bad), keys=tuple(keys),
+                        meta=tuple(meta))
+
+
+def sample_metadata(sample: dict) -> dict:
+    """The `.json` member written by `shards.build` (JSON only: nothing from a shard is unpickled)."""
+    raw = sample.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BadSample(f".json is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise BadSample(".json is not an object")
+    return meta
 
 
 # ---------------------------------------------------------------- loaders (the contract)

@@ -44,19 +44,24 @@ class AugmentConfig:
     eval_crop_ratio: float = 0.875
 
 
-def decode(sample: dict, num_classes: int) -> tuple[Tensor, int]:
-    """(uint8 [3, H, W], label) from a raw WebDataset sample; `BadSample` says what is wrong."""
+def decode(sample: dict, num_classes: int, labelled: bool = True) -> tuple[Tensor, int]:
+    """(uint8 [3, H, W], label) from a raw WebDataset sample; `BadSample` says what is wrong.
+
+    `labelled=False` (prediction) accepts a sample without `.cls`; its label is then -1."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise BadSample(f"no image member (have {sorted(k for k in sample if not k.startswith('__'))})")
-    label = _label(sample.get("cls"), num_classes)
+    label = -1 if not labelled and sample.get("cls") is None else _label(sample.get("cls"), num_classes)
+    return decode_bytes(sample[key], f".{key}"), label
+
+
+def decode_bytes(data: bytes, what: str) -> Tensor:
+    """uint8 [3, H, W] RGB from encoded image bytes; `BadSample` names `what` when they do not decode."""
     try:
         # bytearray: frombuffer needs a writable buffer; the copy is a few KB
-        image = decode_image(torch.frombuffer(bytearray(sample[key]), dtype=torch.uint8),
-                             mode=ImageReadMode.RGB)
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        raise BadSample(f"undecodable .{key}: {str(err).splitlines()[0][:200]}") from err
-    return image, label
+        raise BadSample(f"undecodable {what}: {str(err).splitlines()[0][:200]}") from err
 
 
 def _label(raw: bytes | None, num_classes: int) -> int:

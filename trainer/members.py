@@ -1,0 +1,154 @@
+"""The trained members of a bag, loaded for inference: probabilities, test-time augmentation, embeddings.
+
+Shared by `launch.evaluate`, `launch.predict` and `launch.features`. A member is loaded from its best
+checkpoint (or its newest) with `weights_only=True`; its own config says which architecture, crop and
+normalisation it was trained with, so members of different architectures can sit in one bag.
+
+Test-time augmentation follows the classic views (torchvision's `FiveCrop`/`TenCrop`): `hflip` adds
+the mirrored image; `fivecrop`/`tencrop` take the four corners and the centre (and their mirrors) of
+the resized image instead of its centre crop alone. Probabilities (and embeddings) are averaged over
+the views, as timm's TTA does.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from shards.config import ConfigError
+from trainer import model
+from trainer.checkpoint import Checkpointer
+from trainer.transforms import AugmentConfig, Normalize, eval_transform
+
+log = logging.getLogger(__name__)
+TTA = ("none", "hflip", "fivecrop", "tencrop")
+
+
+@dataclass
+class Member:
+    name: str
+    net: nn.Module
+    normalize: Normalize
+    classes: list[str]
+    config: dict          # the member's training config (resolved), as stored in its checkpoint
+    step: int
+
+    @property
+    def model_name(self) -> str:
+        return self.config["model"]["name"]
+
+
+def member_dirs(bag: Path, subset: list[str]) -> list[tuple[str, Path]]:
+    """(name, run directory) of each member of a bag (`bag.json`) or of a single run directory."""
+    if (bag / "bag.json").is_file():
+        names = [m["name"] for m in json.loads((bag / "bag.json").read_text())["members"]]
+        found = [(n, bag / n) for n in names]
+    elif (bag / "checkpoints").is_dir():
+        found = [(bag.name, bag)]
+    else:
+        raise ConfigError(f"bag={str(bag)!r}: neither a bag (bag.json) nor a run directory (checkpoints/)")
+    if subset:
+        unknown = sorted(set(subset) - {n for n, _ in found})
+        if unknown:
+            raise ConfigError(f"members: {unknown} not in {str(bag)!r} (has {[n for n, _ in found]})")
+        found = [(n, d) for n, d in found if n in subset]
+    return found
+
+
+def load_member(name: str, run_dir: Path, which: str, device: torch.device) -> Member:
+    """A member in eval mode on `device`; `which` is best (the newest if there is none) or latest."""
+    checkpoints = Checkpointer(run_dir / "checkpoints", is_main=False)
+    best = run_dir / "checkpoints" / "best.pt"
+    state = Checkpointer.load(best) if which == "best" and best.is_file() else checkpoints.load_latest()
+    if state is None:
+        raise ConfigError(f"member {name}: no checkpoint in {run_dir / 'checkpoints'}")
+    cfg = state["config"]
+    net = model.build(cfg["model"]["name"], len(state["classes"]))
+    net.load_state_dict(state["model"])
+    net.to(device).eval()
+    norm = Normalize(cfg["data"]["mean"], cfg["data"]["std"]).to(device)
+    log.info("member %s: %s at step %d", name, cfg["model"]["name"], state["step"])
+    return Member(name, net, norm, list(state["classes"]), cfg, int(state["step"]))
+
+
+def load_bag(bag: str | Path, subset: list[str], which: str, device: torch.device) -> list[Member]:
+    members = [load_member(n, d, which, device) for n, d in member_dirs(Path(bag), subset)]
+    for m in members[1:]:
+        if m.classes != members[0].classes:
+            raise ConfigError(f"member {m.name} has other classes than {members[0].name}")
+        if _view(m) != _view(members[0]):
+            raise ConfigError(f"member {m.name} sees {_view(m)} (crop, eval_crop_ratio), "
+                              f"{members[0].name} {_view(members[0])}: evaluate them separately")
+    return members
+
+
+def _view(m: Member) -> tuple[int, float]:
+    return m.config["data"]["crop_size"], m.config["data"]["eval_crop_ratio"]
+
+
+def augment_config(member: Member) -> AugmentConfig:
+    d = member.config["data"]
+    return AugmentConfig(d["crop_size"], eval_crop_ratio=d["eval_crop_ratio"])
+
+
+def input_transform(aug: AugmentConfig, tta: str) -> Callable[[Tensor], Tensor]:
+    """Per image, on the loader workers: the centre crop, or for multi-crop the resized centre square."""
+    check_tta(tta)
+    if tta in ("none", "hflip"):
+        return eval_transform(aug)
+    resize = round(aug.crop_size / aug.eval_crop_ratio)
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(resize)])
+
+
+def views(images: Tensor, tta: str, crop: int) -> list[Tensor]:
+    """The batch as each test-time view sees it (uint8 [B, 3, crop, crop] each)."""
+    check_tta(tta)
+    if tta == "none":
+        return [images]
+    if tta == "hflip":
+        return [images, images.flip(-1)]
+    crops = F.five_crop(images, crop) if tta == "fivecrop" else F.ten_crop(images, crop)
+    return list(crops)
+
+
+def check_tta(tta: str) -> None:
+    if tta not in TTA:
+        raise ConfigError(f"tta: must be one of {list(TTA)}, got {tta!r}")
+
+
+@torch.no_grad()
+def probabilities(member: Member, images: Tensor, tta: str) -> Tensor:
+    """float64 [B, C]: softmax averaged over the test-time views."""
+    crop = member.config["data"]["crop_size"]
+    probs = [torch.softmax(member.net(member.normalize(v)).double(), dim=1) for v in views(images, tta, crop)]
+    return torch.stack(probs).mean(0)
+
+
+@torch.no_grad()
+def embeddings(member: Member, images: Tensor, tta: str) -> tuple[Tensor, Tensor]:
+    """(penultimate features [B, D], probabilities [B, C]), both averaged over the test-time views."""
+    crop = member.config["data"]["crop_size"]
+    head = classifier(member.net)
+    captured: list[Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
+    try:
+        probs = [torch.softmax(member.net(member.normalize(v)).double(), dim=1)
+                 for v in views(images, tta, crop)]
+    finally:
+        hook.remove()
+    return torch.stack(captured).float().mean(0), torch.stack(probs).mean(0)
+
+
+def classifier(net: nn.Module) -> nn.Linear:
+    """The last Linear layer: its input is the penultimate embedding in every torchvision classifier."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{type(net).__name__} has no Linear classifier to take embeddings from")
+    return linears[-1]
