@@ -1,10 +1,11 @@
-"""`python -m launch.evaluate bag=DIR data.shards=DIR [split=test]`: each member and the ensemble.
+"""`python -m launch.evaluate bag=DIR data.shards=DIR [data.split=test]`: each member and the ensemble.
 
-Loads every member of a bag (`bag.json`) or a single run directory, from its best checkpoint (or
-its newest: `checkpoint=latest`), with `weights_only=True`; runs them on the same batches,
-combines their probabilities (`combine=mean|geometric`) and writes `report.json` and `report.md`
-into the bag directory (or `out=DIR`). Runs in-process, under torchrun or as srun tasks: every
-sample is evaluated exactly once across ranks and the metrics are summed with one all_reduce.
+Loads every member of a bag (`bag.json`) or a single run directory (`trainer/members.py`), runs
+them on the same batches, optionally with test-time augmentation (`tta=hflip|fivecrop|tencrop`),
+combines their probabilities (`combine=mean|geometric`) and writes into the bag directory (or
+`out=DIR`): `report.json`, `report.md`, `per_class.csv`, `confusion.png` and `reliability.png`;
+with `logger.mode=offline|online` also to W&B. Runs in-process, under torchrun or as srun tasks:
+every sample is evaluated exactly once across ranks and the sums are reduced at the end.
 """
 # ruff: noqa: E402 - the preemption signals are recorded before the heavy imports below
 from __future__ import annotations
@@ -13,6 +14,8 @@ from trainer import preempt
 
 preempt.listen_early()
 
+import csv
+import io
 import json
 import logging
 import sys
@@ -20,20 +23,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from shards.config import ConfigError
 from trainer import data, distributed, shardset
+from trainer import plots as plots_mod
+from trainer.config import LoggerConfig
+from trainer.confusion import Confusion
 from trainer.ensemble import COMBINE, ProbabilityMetrics, combine
-from trainer.members import load_bag
+from trainer.members import augment_config, check_tta, input_transform, load_bag, probabilities
 from trainer.provenance import write_text_atomic
-from trainer.tracker import jsonable
-from trainer.transforms import AugmentConfig, eval_transform
+from trainer.tracker import Tracker, jsonable
 
 log = logging.getLogger("launch.evaluate")
-SUMMARY_KEYS = ("top1", "top5", "mrr", "balanced_acc", "nll", "ece", "n")
+SUMMARY_KEYS = ("top1", "top5", "mrr", "balanced_acc", "macro_top5", "nll", "ece", "n")
+FILES = {"json": "report.json", "md": "report.md", "csv": "per_class.csv", "confusion": "confusion.png",
+         "reliability": "reliability.png"}
 
 
 @dataclass
@@ -49,19 +57,27 @@ class EvaluateConfig:
     members: list[str] = field(default_factory=list)  # a subset by name; empty: every member
     checkpoint: str = "best"        # best (by validation top-1; the newest if there is none) | latest
     combine: str = "mean"           # mean | geometric (of the members' probabilities)
+    tta: str = "none"               # none | hflip | fivecrop | tencrop (probabilities averaged over views)
     exclude_classes: list[str] = field(default_factory=list)  # true classes left out of the summary
+    confused_pairs: int = 20        # most confused (true, predicted) pairs listed in the report
+    plot_classes: int = 40          # confusion.png shows all classes up to this many, else the most confused
+    plots: bool = True
     batch_size: int = 64
     workers: int = 2
     out: str | None = None          # default: the bag directory
     dist_timeout_s: float = 300.0
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(mode="disabled"))
 
     def __post_init__(self) -> None:
         if self.checkpoint not in ("best", "latest"):
             raise ConfigError(f"checkpoint: must be best or latest, got {self.checkpoint!r}")
         if self.combine not in COMBINE:
             raise ConfigError(f"combine: must be one of {list(COMBINE)}, got {self.combine!r}")
+        check_tta(self.tta)
         if self.batch_size <= 0 or self.workers < 0:
             raise ConfigError("batch_size must be > 0 and workers >= 0")
+        if self.confused_pairs < 0 or self.plot_classes < 2:
+            raise ConfigError("confused_pairs must be >= 0 and plot_classes >= 2")
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -69,44 +85,142 @@ ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 @torch.no_grad()
 def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -> dict:
+    """The report (see `FILES`) as a dict; the same on every rank."""
     members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
     split = shardset.load(cfg.data.shards, cfg.data.split)
-    for m in members:
-        if m.classes != list(split.classes):
-            raise ConfigError(f"member {m.name} was trained on other classes than {cfg.data.shards}")
-    first = members[0].config["data"]
-    aug = AugmentConfig(first["crop_size"], eval_crop_ratio=first["eval_crop_ratio"])
-    stream = data.EvalStream(split, eval_transform(aug), cfg.batch_size, rank, world, cfg.workers,
-                             first["max_bad_fraction"])
-    excluded = torch.tensor([split.classes.index(c) for c in cfg.exclude_classes if c in split.classes],
-                            dtype=torch.int64, device=device)
-    metrics = {m.name: ProbabilityMetrics(len(split.classes), device) for m in members}
-    ensemble = ProbabilityMetrics(len(split.classes), device)
+    if members[0].classes != list(split.classes):
+        raise ConfigError(f"the bag was trained on other classes than {cfg.data.shards} has")
+    unknown = sorted(set(cfg.exclude_classes) - set(split.classes))
+    if unknown:
+        raise ConfigError(f"exclude_classes: {unknown} are not classes of {cfg.data.shards}")
+    transform = input_transform(augment_config(members[0]), cfg.tta)
+    stream = data.EvalStream(split, transform, cfg.batch_size, rank, world, cfg.workers,
+                             members[0].config["data"]["max_bad_fraction"])
+    excluded = torch.tensor([split.classes.index(c) for c in cfg.exclude_classes], dtype=torch.int64)
+    num_classes = len(split.classes)
+    metrics = {m.name: ProbabilityMetrics(num_classes, device) for m in members}
+    ensemble = ProbabilityMetrics(num_classes, device)
+    confusion = Confusion(num_classes)
+    bad = 0
     for batch in data.eval_batches(stream, cfg.workers):
-        if not len(batch.labels):
+        bad += len(batch.bad)
+        keep = ~torch.isin(batch.labels, excluded)
+        if not bool(keep.any()):
             continue
-        labels = batch.labels.to(device)
-        keep = ~torch.isin(labels, excluded)
-        probs = [torch.softmax(m.net(m.normalize(batch.images)).double(), dim=1) for m in members]
+        labels, images = batch.labels[keep].to(device), batch.images[keep]
+        probs = [probabilities(m, images, cfg.tta) for m in members]
         for m, p in zip(members, probs):
-            metrics[m.name].update(p[keep], labels[keep])
-        ensemble.update(combine(probs, cfg.combine)[keep], labels[keep])
-    report = {"split": cfg.data.split, "combine": cfg.combine, "checkpoint": cfg.checkpoint,
+            metrics[m.name].update(p, labels)
+        combined = combine(probs, cfg.combine)
+        ensemble.update(combined, labels)
+        confusion.update(combined, labels)
+    member_values = {name: state.all_reduce().compute() for name, state in metrics.items()}
+    report = {"split": cfg.data.split, "combine": cfg.combine, "tta": cfg.tta, "checkpoint": cfg.checkpoint,
               "excluded_classes": list(cfg.exclude_classes), "classes": list(split.classes),
-              "members": {name: state.all_reduce().compute() for name, state in metrics.items()},
-              "ensemble": ensemble.all_reduce().compute()}
-    report["reliability"] = ensemble.calibration.diagram()
+              "members": member_values, "ensemble": ensemble.all_reduce().compute(),
+              "bad_samples": _sum_over_ranks(bad, device)}
+    confusion.all_reduce()
+    report["reliability"] = {"ensemble": ensemble.calibration.diagram(),
+                             **{name: state.calibration.diagram() for name, state in metrics.items()}}
+    report["per_class"] = per_class(report, confusion)
+    report["most_confused"] = [{"true": split.classes[t], "predicted": split.classes[p], "count": n,
+                                "of_true": n / report["per_class"][t]["support"]}
+                               for t, p, n in confusion.most_confused(cfg.confused_pairs)]
+    shown = confusion.shown_classes(cfg.plot_classes)
+    report["confusion"] = {"classes": [split.classes[c] for c in shown],
+                           "counts": confusion.matrix(shown).tolist()}
     return report
 
 
-def markdown(report: dict) -> str:
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    if distributed.initialized():
+        torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def per_class(report: dict, confusion: Confusion) -> list[dict]:
+    """One row per class: the ensemble's support/precision/recall/F1/top-5 recall, each member's recall."""
+    top5 = report["ensemble"]["per_class_top5"]
+    rows = []
+    for row in confusion.rows():
+        name = report["classes"][row.index]
+        values = {"class": name, "support": row.support, "predicted": row.predicted, "correct": row.correct,
+                  "precision": row.precision, "recall": row.recall, "f1": row.f1,
+                  "top5_recall": top5[row.index], "excluded": name in report["excluded_classes"]}
+        values.update({f"recall.{m}": v["per_class_recall"][row.index] for m, v in report["members"].items()})
+        rows.append(values)
+    return rows
+
+
+def markdown(report: dict, files: dict[str, Path] | None = None) -> str:
     rows = [*report["members"].items(), ("**ensemble**", report["ensemble"])]
-    lines = [f"# Evaluation on `{report['split']}` ({report['combine']} of probabilities)", "",
-             "| model | " + " | ".join(SUMMARY_KEYS) + " |", "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
+    title = f"# Evaluation on `{report['split']}` ({report['combine']} of probabilities, TTA {report['tta']})"
+    header = "| model | " + " | ".join(SUMMARY_KEYS) + " |"
+    lines = [title, "", header, "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
     for name, values in rows:
         cells = [f"{values[k]:.4f}" if isinstance(values[k], float) else str(values[k]) for k in SUMMARY_KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report["most_confused"]:
+        lines += ["", "## Most confused pairs (ensemble)", "", "| true | predicted | count | of true class |",
+                  "|---|---|---:|---:|"]
+        lines += [f"| {c['true']} | {c['predicted']} | {c['count']} | {c['of_true']:.1%} |"
+                  for c in report["most_confused"][:10]]
+    if report["excluded_classes"]:
+        lines += ["", f"Excluded from the summary: {', '.join(report['excluded_classes'])}."]
+    if report["bad_samples"]:
+        lines += ["", f"{report['bad_samples']} undecodable sample(s) were skipped."]
+    if files:
+        lines += ["", "Files: " + ", ".join(f"`{p.name}`" for p in files.values())]
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path, plots: bool) -> dict[str, Path]:
+    """Every report file into `out`; returns their paths by kind."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {kind: out / name for kind, name in FILES.items() if plots or not name.endswith(".png")}
+    text = json.dumps(jsonable(report), indent=1, allow_nan=False)  # NaN (a class without samples) -> "nan"
+    write_text_atomic(files["json"], text + "\n")
+    write_text_atomic(files["md"], markdown(report, files))
+    write_text_atomic(files["csv"], _csv(report["per_class"]))
+    if plots:
+        n_classes = len(report["classes"])
+        shown = report["confusion"]["classes"]
+        support = [report["per_class"][report["classes"].index(c)]["support"] for c in shown]
+        title = (f"Ensemble confusion on {report['split']}" if len(shown) == n_classes else
+                 f"Ensemble confusion: the {len(shown)} of {n_classes} classes with the most errors")
+        plots_mod.confusion_png(files["confusion"], np.asarray(report["confusion"]["counts"]), shown, support,
+                                title)
+        eces = {"ensemble": report["ensemble"]["ece"], **{m: v["ece"] for m, v in report["members"].items()}}
+        plots_mod.reliability_png(files["reliability"], report["reliability"], eces, "ensemble")
+    return files
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def log_to_wandb(cfg: EvaluateConfig, report: dict, files: dict[str, Path], out: Path) -> None:
+    name = cfg.logger.name or f"evaluate-{Path(cfg.bag).resolve().name}-{cfg.data.split}"
+    config = {"evaluate": jsonable(OmegaConf.to_container(OmegaConf.structured(cfg)))}
+    with Tracker(out, is_main=True, mode=cfg.logger.mode, project=cfg.logger.project, name=name,
+                 config=config) as tracker:
+        scalars = {f"{model}/{k}": values[k] for model, values in
+                   [("ensemble", report["ensemble"]), *report["members"].items()] for k in SUMMARY_KEYS}
+        tracker.summary(scalars)
+        columns = ["model", *SUMMARY_KEYS]
+        table = [[model, *(values[k] for k in SUMMARY_KEYS)]
+                 for model, values in [*report["members"].items(), ("ensemble", report["ensemble"])]]
+        per_class_rows = report["per_class"]
+        tables = {"summary": (columns, table),
+                  "per_class": (list(per_class_rows[0]), [list(r.values()) for r in per_class_rows])}
+        images = {k: files[k] for k in ("confusion", "reliability") if k in files}
+        tracker.media(images, tables, step=0)
 
 
 def run(cfg: EvaluateConfig) -> int:
@@ -116,11 +230,10 @@ def run(cfg: EvaluateConfig) -> int:
         report = evaluate(cfg, env.rank, env.world_size, device)
         if env.rank == 0:
             out = Path(cfg.out or cfg.bag)
-            out.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(jsonable(report), indent=1, allow_nan=False)  # NaN recall -> "nan"
-            write_text_atomic(out / "report.json", text + "\n")
-            write_text_atomic(out / "report.md", markdown(report))
-            print(markdown(report) + f"\nreport: {out / 'report.json'}, {out / 'report.md'}")
+            files = write_report(report, out, cfg.plots)
+            if cfg.logger.mode != "disabled":
+                log_to_wandb(cfg, report, files, out)
+            print(markdown(report) + "\nwritten: " + ", ".join(str(p) for p in files.values()))
         return 0
     finally:
         distributed.cleanup()

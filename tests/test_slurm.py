@@ -241,3 +241,15 @@ def test_evaluate_sbatch_on_two_nodes_counts_every_sample_once(reference, shards
     assert info["JobState"] == "COMPLETED", info
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["ensemble"]["n"] == sum(UNEVEN["val"])
+    # the same numbers as one process: every sample once, confusion counts merged across the nodes
+    from launch.evaluate import EvalData, EvaluateConfig
+    from launch.evaluate import run as run_evaluate
+
+    assert run_evaluate(EvaluateConfig(bag=str(reference), data=EvalData(str(shards), "val"), workers=0,
+                                       plots=False, out=str(tmp_path / "one"))) == 0
+    alone = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert report["confusion"] == alone["confusion"]
+    assert [r["support"] for r in report["per_class"]] == [r["support"] for r in alone["per_class"]]
+    for key in ("top1", "top5", "mrr", "macro_top5"):
+        assert report["ensemble"][key] == alone["ensemble"][key]
+    assert report["ensemble"]["nll"] == pytest.approx(alone["ensemble"]["nll"], rel=1e-9)

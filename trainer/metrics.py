@@ -36,9 +36,11 @@ class MetricState:
         self.rr_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.support = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.correct_k = torch.zeros(num_classes, dtype=torch.int64, device=device)  # per-class top-k hits
 
     def _tensors(self) -> list[Tensor]:
-        return [self.n, self.loss_sum, self.top1, self.top5, self.rr_sum, self.support, self.correct]
+        return [self.n, self.loss_sum, self.top1, self.top5, self.rr_sum, self.support, self.correct,
+                self.correct_k]
 
     def _check_batch(self, logits: Tensor, targets: Tensor) -> None:
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
@@ -86,6 +88,7 @@ class MetricState:
         self.rr_sum += rr.sum().to(dev)
         self.support += torch.bincount(targets, minlength=self.num_classes).to(dev)
         self.correct += torch.bincount(targets[hit1], minlength=self.num_classes).to(dev)
+        self.correct_k += torch.bincount(targets[hitk], minlength=self.num_classes).to(dev)
 
     def merge(self, other: MetricState) -> MetricState:
         """Add another state's sums into this one (e.g. states from separate eval passes)."""
@@ -98,7 +101,7 @@ class MetricState:
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> MetricState:
         """Sum every tensor over the process group; a no-op without an initialised process group.
 
-        All sums travel in one float64 vector (one collective, not seven); counts stay exact up to 2**53.
+        All sums travel in one float64 vector (one collective, not eight); counts stay exact up to 2**53.
         With NCCL the state must live on this rank's CUDA device.
         """
         if not (dist.is_available() and dist.is_initialized()):
@@ -118,12 +121,15 @@ class MetricState:
             raise ValueError("MetricState.compute() on an empty state: no samples were added")
         support = self.support.double()
         recall = torch.where(support > 0, self.correct.double() / support.clamp(min=1), math.nan)
+        recall_k = torch.where(support > 0, self.correct_k.double() / support.clamp(min=1), math.nan)
         return {
             "loss": float(self.loss_sum) / n,
             "top1": int(self.top1) / n,
             "top5": int(self.top5) / n,
             "mrr": float(self.rr_sum) / n,
             "balanced_acc": float(recall[support > 0].mean()),
+            "macro_top5": float(recall_k[support > 0].mean()),  # top-k recall averaged over classes
             "per_class_recall": recall.tolist(),
+            "per_class_top5": recall_k.tolist(),
             "n": n,
         }

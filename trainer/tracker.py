@@ -235,6 +235,22 @@ class Tracker:
             except Exception as exc:
                 self._wandb_failed("summary", exc)
 
+    def media(self, images: Mapping[str, Path], tables: Mapping[str, tuple[list[str], list[list]]],
+              step: int) -> None:
+        """Figures (PNG files already on disk) and tables to W&B; nothing to do without a W&B run."""
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            payload: dict[str, object] = {STEP_KEY: step}
+            payload.update({name: wandb.Image(str(path)) for name, path in images.items()})
+            payload.update({name: wandb.Table(columns=columns, data=rows)
+                            for name, (columns, rows) in tables.items()})
+            self._run.log(payload)
+        except Exception as exc:
+            self._wandb_failed("media", exc)
+
     def progress(self, step: int, total: int, text: str = "") -> None:
         """A tqdm bar on a terminal, else an INFO line at most every PROGRESS_LOG_EVERY_S seconds."""
         if not self.is_main or self._finished:

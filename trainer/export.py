@@ -1,0 +1,254 @@
+"""Members exported as safetensors + JSON, and loaded back without pickle.
+
+Layout of an export directory (`python -m launch.export`, default `<bag>/export`):
+    <member>.safetensors   the model's state dict; header metadata {format: pt, taxotrain_format, model}
+    <member>.json          FORMAT: architecture, classes, input preprocessing, step, source and sha256s
+    bag.json               BAG_FORMAT: the exported members and their combination (mean of probabilities)
+
+A checkpoint is a pickle (a zip of pickled containers, even when read with `weights_only=True`) and
+carries optimizer and RNG state nobody needs for inference. An export is tensors and JSON only:
+`load_exported` reads the bytes once, checks them against the sha256 in the JSON, parses them with
+safetensors and rebuilds the architecture with `trainer.model.build`, so no unpickling code is reached.
+The JSON describes the input completely (resize, crop, interpolation, scale, mean/std, RGB), so the
+export can also be used without taxotrain; `preprocess(meta)` rebuilds it from taxotrain's own
+transforms, exactly as evaluation applies them.
+
+Every file is written to a temporary name and renamed over the final one; the weights go first, then
+their JSON (which holds their sha256), then bag.json, so a reader never sees a JSON that names weights
+that are not complete. A reader racing a re-export can see new weights with the old JSON: the sha256
+check then fails loudly instead of loading the wrong pair.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from shards.config import ConfigError
+from shards.writer import atomic_write, sha256_file
+from trainer import model
+from trainer.checkpoint import Checkpointer
+from trainer.members import member_dirs
+from trainer.provenance import git_state, package_versions, write_text_atomic
+from trainer.transforms import AugmentConfig, Normalize, eval_transform
+
+log = logging.getLogger(__name__)
+
+FORMAT = "taxotrain-export/1"
+BAG_FORMAT = "taxotrain-export-bag/1"
+_PREFIXES = ("module.", "_orig_mod.")  # added by DDP / torch.compile; our checkpoints hold neither
+_PACKAGES = ("taxotrain", "torch", "torchvision", "safetensors")
+
+
+class ExportError(ValueError):
+    """An export file is missing, corrupt, tampered with or does not fit its model; names the file."""
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export_bag(bag: Path, subset: list[str], which: str, out: Path | None = None) -> tuple[Path, list[dict]]:
+    """Export the members of a bag (or one run directory) into `out` (default `<bag>/export`).
+
+    Returns the export directory and each member's metadata. Re-exporting overwrites the files.
+    """
+    bag = Path(bag)
+    if not bag.is_dir():
+        raise ConfigError(f"bag={str(bag)!r}: no such directory")
+    found = member_dirs(bag, subset)
+    out = Path(out) if out is not None else bag / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    metas = [export_member(name, run_dir, which, out) for name, run_dir in found]
+    for meta in metas[1:]:
+        if meta["classes"] != metas[0]["classes"]:
+            raise ConfigError(f"member {meta['name']} has other classes than {metas[0]['name']}")
+    record = {
+        "format": BAG_FORMAT,
+        "combine": "mean",  # of the members' softmax probabilities (trainer.ensemble.combine)
+        "classes": metas[0]["classes"],
+        "source": str(bag.resolve()),
+        "members": [{"name": m["name"], "meta": f"{m['name']}.json", "weights": m["weights"]["file"],
+                     "model": m["model"]} for m in metas],
+    }
+    write_text_atomic(out / "bag.json", json.dumps(record, indent=1) + "\n")
+    return out, metas
+
+
+def export_member(name: str, run_dir: Path, which: str, out: Path) -> dict:
+    """Write `<out>/<name>.safetensors` and `<out>/<name>.json` from the member's chosen checkpoint."""
+    source = source_checkpoint(name, run_dir, which)
+    state = Checkpointer.load(source)  # checks the checkpoint's size and sha256 against its marker
+    cfg = state["config"]
+    weights = out / f"{name}.safetensors"
+    tensors = plain_state_dict(state["model"])
+    header = {"format": "pt", "taxotrain_format": FORMAT, "model": cfg["model"]["name"]}
+    _save_atomic(tensors, weights, header)
+    meta = {
+        "format": FORMAT,
+        "name": name,
+        "model": cfg["model"]["name"],
+        "num_classes": len(state["classes"]),
+        "classes": list(state["classes"]),
+        "input": input_meta(cfg["data"]),
+        "step": int(state["step"]),
+        "weights": {"file": weights.name, "sha256": sha256_file(weights), "tensors": len(tensors)},
+        "source": {"checkpoint": str(source.resolve()), "sha256": sha256_file(source), "requested": which},
+        "software": {**package_versions(_PACKAGES), "git": git_state()},
+        "exported_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
+    log.info("exported %s (%s, step %d) from %s to %s", name, meta["model"], meta["step"], source, weights)
+    return meta
+
+
+def source_checkpoint(name: str, run_dir: Path, which: str) -> Path:
+    """best.pt (the newest if there is none) or the newest complete step checkpoint, as load_member picks.
+
+    Unlike resuming, a corrupt newest checkpoint is an error here rather than a silent step back.
+    """
+    directory = run_dir / "checkpoints"
+    best = directory / "best.pt"
+    if which == "best" and best.is_file():
+        return best
+    latest = Checkpointer(directory, is_main=False).latest()
+    if latest is None:
+        raise ConfigError(f"member {name}: no checkpoint in {directory}")
+    return latest
+
+
+def plain_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous, unshared tensors (safetensors refuses views and shared storage), no wrapper prefix."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value.detach().cpu().contiguous().clone()
+    return out
+
+
+def input_meta(data: dict[str, Any]) -> dict[str, Any]:
+    """How an image must be prepared, as `trainer.transforms.eval_transform` + `Normalize` do it."""
+    crop, ratio = int(data["crop_size"]), float(data["eval_crop_ratio"])
+    return {
+        "crop_size": crop,
+        "eval_crop_ratio": ratio,
+        "resize": round(crop / ratio),  # the shorter side, then a centre crop of crop_size
+        "interpolation": "bilinear",
+        "antialias": True,
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "scale": "divide uint8 values by 255, then subtract mean and divide by std",
+        "mean": [float(v) for v in data["mean"]],
+        "std": [float(v) for v in data["std"]],
+    }
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path, header: dict[str, str]) -> None:
+    atomic_write(path, _sorted_metadata(safetensors.torch.save(tensors, metadata=header)))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same file with its header metadata in key order: safetensors writes it from a Rust hash map,
+    in a random order per process, and the same checkpoint should always export to the same bytes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    # a permutation of the same keys has the same length; keep safetensors' padding to 8 bytes
+    return data[:8] + text.ljust(n) + data[8 + n:] if len(text) <= n else data
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode on `device`, metadata) from `<name>.json` or `<name>.safetensors`; no pickle."""
+    meta_path = Path(path)
+    if meta_path.suffix == ".safetensors":
+        meta_path = meta_path.with_suffix(".json")
+    meta = read_meta(meta_path)
+    weights = meta_path.parent / meta["weights"]["file"]
+    try:
+        data = weights.read_bytes()
+    except OSError as e:
+        raise ExportError(f"{weights}: cannot read the weights named by {meta_path.name}: {e}") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != meta["weights"]["sha256"]:
+        raise ExportError(f"{weights}: sha256 {digest} does not match {meta['weights']['sha256']} recorded "
+                          f"in {meta_path.name} (corrupted, tampered with, or from another export)")
+    try:
+        state = safetensors.torch.load(data)  # the very bytes that were hashed
+    except Exception as e:  # safetensors raises its own SafetensorError for malformed headers
+        raise ExportError(f"{weights}: not a readable safetensors file: {e}") from e
+    try:
+        net = model.build(meta["model"], meta["num_classes"])
+    except model.ModelError as e:
+        raise ExportError(f"{meta_path}: {e}") from e
+    _check_fits(net, state, weights)
+    net.load_state_dict(state)
+    return net.to(device).eval(), meta
+
+
+def read_meta(path: Path) -> dict:
+    """The parsed `<name>.json` of an export, checked for the keys the loader relies on."""
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no such export metadata file") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable export metadata: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ExportError(f"{path}: not a {FORMAT} export (format {got!r})")
+    missing = [k for k in ("model", "num_classes", "classes", "input", "weights") if k not in meta]
+    if missing or not {"file", "sha256"} <= set(meta.get("weights") or {}):
+        raise ExportError(f"{path}: missing keys {missing or ['weights.file/sha256']}")
+    if len(meta["classes"]) != meta["num_classes"]:
+        raise ExportError(f"{path}: {len(meta['classes'])} class names but num_classes={meta['num_classes']}")
+    return meta
+
+
+def _check_fits(net: nn.Module, state: dict[str, Tensor], weights: Path) -> None:
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        raise ExportError(f"{weights} does not fit {type(net).__name__}: missing {missing[:3]} "
+                          f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)}), "
+                          f"other shapes {reshaped[:3]} ({len(reshaped)})")
+
+
+def load_exported_bag(directory: str | Path,
+                      device: str | torch.device = "cpu") -> list[tuple[nn.Module, dict]]:
+    """Every member listed in `<directory>/bag.json`, loaded as `load_exported` does; same classes needed."""
+    path = Path(directory) / "bag.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable export bag: {e}") from e
+    if not isinstance(record, dict) or record.get("format") != BAG_FORMAT or not record.get("members"):
+        raise ExportError(f"{path}: not a {BAG_FORMAT} record with members")
+    loaded = [load_exported(path.parent / m["meta"], device) for m in record["members"]]
+    for _, meta in loaded[1:]:
+        if meta["classes"] != loaded[0][1]["classes"]:
+            raise ExportError(f"{path}: member {meta['name']} has other classes than {loaded[0][1]['name']}")
+    return loaded
+
+
+def preprocess(meta: dict) -> tuple[Callable[[Tensor], Tensor], Normalize]:
+    """(per-image transform on uint8 RGB [3, H, W] or [B, 3, H, W], normalisation to float NCHW).
+
+    The same transforms as evaluation: `normalize(transform(images))` is what the model was trained to see.
+    """
+    spec = meta["input"]
+    aug = AugmentConfig(spec["crop_size"], eval_crop_ratio=spec["eval_crop_ratio"])
+    return eval_transform(aug), Normalize(spec["mean"], spec["std"])

@@ -1,0 +1,82 @@
+"""Report figures: the confusion matrix and the reliability diagram, as PNG files.
+
+matplotlib's object API (`Figure`, no pyplot): no global figure state and no display backend, which
+a compute node does not have. Files are written to a temporary name and renamed, like every report.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+
+# cells are annotated with counts up to this many classes; past it the numbers are unreadable
+ANNOTATE_MAX = 25
+
+
+def save(fig: Figure, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def confusion_png(path: Path, counts: np.ndarray, names: Sequence[str], support: Sequence[int],
+                  title: str) -> Path:
+    """Rows are true classes, normalised by each class's full support (so a row shows where its samples
+    went, even when only some columns are shown); colour is that fraction, text the count."""
+    k = len(names)
+    frac = counts / np.maximum(np.asarray(support, dtype=np.float64), 1)[:, None]
+    side = min(4 + 0.32 * k, 40)  # about 0.3 inch per class keeps 8-pt labels apart
+    fig = Figure(figsize=(side + 1.5, side))
+    ax = fig.add_subplot()
+    # square-root colour scale: a 2% confusion must stay visible next to a 95% diagonal
+    image = ax.imshow(frac, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    font = max(4, min(10, 260 // max(k, 1)))
+    ax.set_xticks(range(k), labels=names, rotation=90, fontsize=font)
+    ax.set_yticks(range(k), labels=names, fontsize=font)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if k <= ANNOTATE_MAX:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=font,
+                            color="white" if frac[i, j] > 0.3 else "black")
+    return save(fig, path)
+
+
+def reliability_png(path: Path, diagrams: Mapping[str, list[dict]], eces: Mapping[str, float],
+                    highlight: str) -> Path:
+    """Accuracy against confidence per bin for every model (the `highlight` one drawn as bars), and
+    below it how many predictions fall in each bin: a gap above the diagonal is under-confidence."""
+    fig = Figure(figsize=(6.5, 7.5))
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    top.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
+    rows = diagrams[highlight]
+    width = rows[0]["high"] - rows[0]["low"]
+    centres = [(r["low"] + r["high"]) / 2 for r in rows]
+    accuracy = [0.0 if math.isnan(r["accuracy"]) else r["accuracy"] for r in rows]
+    top.bar(centres, accuracy, width=width, edgecolor="black", linewidth=0.5, alpha=0.35,
+            label=f"{highlight} (ECE {eces[highlight]:.3f})")
+    for name, bins in diagrams.items():
+        seen = [r for r in bins if r["count"] > 0]
+        style = {"linewidth": 2, "color": "black"} if name == highlight else {"linewidth": 1, "alpha": 0.7}
+        top.plot([r["confidence"] for r in seen], [r["accuracy"] for r in seen], marker="o", markersize=3,
+                 label=None if name == highlight else f"{name} (ECE {eces[name]:.3f})", **style)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title("Reliability diagram")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centres, [r["count"] for r in rows], width=width, color="tab:blue", edgecolor="black",
+               linewidth=0.5)
+    bottom.set_xlabel("confidence (max probability)")
+    bottom.set_ylabel(f"{highlight}\nsamples")
+    return save(fig, path)
