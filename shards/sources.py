@@ -90,11 +90,11 @@ def from_imagefolder(cfg: ImageFolderSource) -> Collection:
     rejects = [Reject(f, "", "", "file outside any class folder") for f in stray]
     # each file of an unlisted class folder is an input of its own, so each is reported
     rejects += [Reject(f.relative_to(root).as_posix(), "", d, f"class {d!r} not in {cfg.classes}")
-                for d in found if d not in classes for f in _walk(root / d)]
+                for d in found if d not in classes for f in walk(root / d)]
     items: list[Item] = []
     empty: list[str] = []
     for label, name in enumerate(classes):
-        files = _walk(root / name) if (root / name).is_dir() else []
+        files = walk(root / name) if (root / name).is_dir() else []
         if not files:
             empty.append(name)
         for f in files:
@@ -103,7 +103,7 @@ def from_imagefolder(cfg: ImageFolderSource) -> Collection:
     return Collection(classes, _dedupe(items, rejects, classes), rejects, empty)
 
 
-def _walk(folder: Path) -> list[Path]:
+def walk(folder: Path) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))

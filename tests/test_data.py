@@ -196,3 +196,26 @@ def test_synthetic_backend_keeps_the_contract():
     assert len(batches) == 12 and batches[0].images.dtype == torch.uint8
     assert batches[0].images.shape == (8, 3, 32, 32)
     assert len(list(loader.epoch(0, EpochPosition(batches=5)))) == 7
+
+
+def test_decode_bytes_gives_8_bit_rgb_for_16_bit_png_and_animated_gif_and_names_empty_input():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.transforms import BadSample, decode_bytes
+
+    deep = io.BytesIO()
+    Image.fromarray(np.full((5, 7), 65535, dtype=np.uint16)).save(deep, format="PNG")
+    image = decode_bytes(deep.getvalue(), "x.png")
+    assert image.dtype == torch.uint8 and image.shape == (3, 5, 7) and int(image.min()) == 255
+    gif = io.BytesIO()
+    frames = [Image.new("RGB", (6, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    first = decode_bytes(gif.getvalue(), "a.gif")
+    assert first.shape == (3, 4, 6) and int(first[0].float().mean()) > 200  # the red first frame
+    with pytest.raises(BadSample, match="empty a.jpg"):
+        decode_bytes(b"", "a.jpg")
+    with pytest.raises(BadSample, match="undecodable a.jpg"):
+        decode_bytes(b"not an image", "a.jpg")

@@ -56,12 +56,20 @@ def decode(sample: dict, num_classes: int, labelled: bool = True) -> tuple[Tenso
 
 
 def decode_bytes(data: bytes, what: str) -> Tensor:
-    """uint8 [3, H, W] RGB from encoded image bytes; `BadSample` names `what` when they do not decode."""
+    """uint8 [3, H, W] RGB from encoded image bytes; `BadSample` names `what` when they do not decode.
+
+    An animated GIF gives its first frame and a 16-bit PNG is scaled to 8 bits: what `shards.build`
+    stores for them, and what the models are trained on."""
+    if not data:
+        raise BadSample(f"empty {what} (0 bytes)")
     try:
         # bytearray: frombuffer needs a writable buffer; the copy is a few KB
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as err:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as err:
         raise BadSample(f"undecodable {what}: {str(err).splitlines()[0][:200]}") from err
+    if image.ndim == 4:
+        image = image[0]
+    return v2.functional.to_dtype(image, torch.uint8, scale=True) if image.dtype != torch.uint8 else image
 
 
 def _label(raw: bytes | None, num_classes: int) -> int:
