@@ -23,8 +23,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from launch.train import EXIT_USAGE, run
-from shards.config import ConfigError
+from launch.exits import guarded
+from launch.train import run
 from trainer import config as schema
 from trainer import distributed
 from trainer.provenance import write_text_atomic
@@ -84,13 +84,7 @@ def train_bag(cfg: schema.TrainConfig) -> int:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    try:
-        cfg = OmegaConf.to_object(raw)
-        code = train_bag(cfg)
-    except ConfigError as err:
-        log.error("%s", err)
-        code = EXIT_USAGE
-    sys.exit(code)
+    sys.exit(guarded(lambda: train_bag(OmegaConf.to_object(raw)), log))
 
 
 if __name__ == "__main__":

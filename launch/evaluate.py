@@ -28,6 +28,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launch.exits import guarded
 from shards.config import ConfigError
 from trainer import data, distributed, shardset
 from trainer import plots as plots_mod
@@ -241,12 +242,7 @@ def run(cfg: EvaluateConfig) -> int:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    try:
-        code = run(OmegaConf.to_object(raw))
-    except (ConfigError, shardset.ShardSetError) as err:
-        log.error("%s", err)
-        code = 2
-    sys.exit(code)
+    sys.exit(guarded(lambda: run(OmegaConf.to_object(raw)), log))
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launch.exits import USAGE_ERRORS, guarded
 from shards.config import ConfigError
 from trainer.checkpoint import CheckpointError
 from trainer.export import export_bag
-from trainer.model import ModelError
 
 log = logging.getLogger("launch.export")
-EXIT_USAGE = 2
 
 
 @dataclass
@@ -54,12 +53,7 @@ def run(cfg: ExportConfig) -> int:
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    try:
-        code = run(OmegaConf.to_object(raw))
-    except (ConfigError, CheckpointError, ModelError) as err:
-        log.error("%s", err)
-        code = EXIT_USAGE
-    sys.exit(code)
+    sys.exit(guarded(lambda: run(OmegaConf.to_object(raw)), log, (*USAGE_ERRORS, CheckpointError)))
 
 
 if __name__ == "__main__":

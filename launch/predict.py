@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from launch.exits import guarded
 from shards import images as shard_images
 from shards.config import ConfigError
 from shards.manifest import INFO
@@ -319,15 +320,7 @@ def run(cfg: PredictConfig) -> int:
 
 @hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    try:
-        code = run(OmegaConf.to_object(raw))
-    except (ConfigError, shardset.ShardSetError) as err:
-        log.error("%s", err)
-        code = 2
-    except data.DataError as err:
-        log.error("%s", err)
-        code = 1
-    sys.exit(code)
+    sys.exit(guarded(lambda: run(OmegaConf.to_object(raw)), log))
 
 
 if __name__ == "__main__":

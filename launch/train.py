@@ -19,16 +19,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from launch.exits import EXIT_FAILED, EXIT_USAGE, USAGE_ERRORS
 from shards.config import ConfigError
 from trainer import config as schema
 from trainer import distributed
-from trainer.distributed import DistEnvError
-from trainer.model import ModelError
-from trainer.shardset import ShardSetError
 
 log = logging.getLogger("launch.train")
-EXIT_FAILED, EXIT_USAGE = 1, 2
-USAGE_ERRORS = (ConfigError, DistEnvError, ModelError, ShardSetError)
 
 schema.register()
 

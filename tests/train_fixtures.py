@@ -36,11 +36,18 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None
 Corrupt = dict[tuple[str, int], list[int]]
 
 
+def sample_features(serial: int, names: tuple[str, ...]) -> dict[str, float | None]:
+    """Per-sample native features; every fifth value is null (unmeasured), as EcoTaxa leaves them."""
+    return {n: None if (serial + i) % 5 == 0 else serial * 0.25 + i for i, n in enumerate(names)}
+
+
 def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | None = None,
-                   image_size: int = 16) -> Path:
+                   image_size: int = 16, features: tuple[str, ...] | None = None) -> Path:
     """Shards `{split}-{i:06d}.tar` with the given sample counts and an `_info.json` like shards.build's.
 
-    `corrupt[(split, shard)]` lists sample positions whose PNG bytes are cut in half.
+    `corrupt[(split, shard)]` lists sample positions whose PNG bytes are cut in half. `features` (names)
+    adds a `.json` member per sample as shards.build writes it (class, path, image, features) and lists
+    the names in `_info.json`; without it samples have no `.json`.
     """
     root.mkdir(parents=True, exist_ok=True)
     corrupt = corrupt or {}
@@ -55,7 +62,12 @@ def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | N
                 if j in corrupt.get((split, i), []):
                     data = data[: len(data) // 2]
                 key = f"{split}{i}_{j:04d}-{serial:06d}"
-                samples.append((key, {"png": data, "cls": str(label).encode()}))
+                members = {"png": data, "cls": str(label).encode()}
+                if features is not None:
+                    meta = {"class": CLASSES[label], "path": f"{CLASSES[label]}/{key}.png", "image": "png",
+                            "features": sample_features(serial, features)}
+                    members["json"] = json.dumps(meta, sort_keys=True).encode()
+                samples.append((key, members))
                 serial += 1
             name = f"{split}-{i:06d}.tar"
             write_shard(root / name, samples)
@@ -67,6 +79,8 @@ def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | N
                          "shard_lengths": counts, "shards": entries}
     info = {"format": "taxotrain-shards/1", "classes": list(CLASSES), "num_classes": len(CLASSES),
             "splits": splits}
+    if features is not None:
+        info["features"] = list(features)
     (root / "_info.json").write_text(json.dumps(info, indent=1))
     return root
 

@@ -45,6 +45,10 @@ class DataConfig:
     # bagging (set by launch.bag): this member's bootstrap resample of the training split; null: none
     bootstrap_member: int | None = None
     bootstrap_seed: int = 0
+    # learning curves: train on the samples with stable_hash("subset", fraction_seed, key) / 2^64 < fraction,
+    # about `fraction` of each class; a smaller fraction's subset lies inside a larger one's. Train split only
+    fraction: float = 1.0
+    fraction_seed: int = 0
 
     def __post_init__(self) -> None:
         _one_of(self.backend, "data.backend", ("webdataset", "synthetic"))
@@ -62,6 +66,7 @@ class DataConfig:
         _check(self.synthetic_samples > 0 and self.synthetic_classes > 0, "data.synthetic_*", "must be > 0")
         _check(self.bootstrap_member is None or self.bootstrap_member >= 0, "data.bootstrap_member",
                "must be >= 0 or null")
+        _check(0 < self.fraction <= 1, "data.fraction", f"must be in (0, 1], got {self.fraction}")
 
 
 @dataclass
@@ -244,6 +249,29 @@ class BagConfig:
 
 
 @dataclass
+class CurveConfig:
+    """`python -m launch.learning_curve`: one run per training fraction into run_dir/fraction-F.FFF."""
+
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    eval_split: str = "test"        # each run's best checkpoint is evaluated on this split
+    only: int | None = None         # train just fractions[only] (an array task); null: all of them
+    report_only: bool = False       # train nothing: evaluate the finished runs and write the report
+
+    def __post_init__(self) -> None:
+        f = self.fractions
+        _check(len(f) > 0, "curve.fractions", "must not be empty")
+        _check(all(0 < x <= 1 for x in f), "curve.fractions", f"each must be in (0, 1], got {f}")
+        _check(all(a < b for a, b in zip(f, f[1:])), "curve.fractions",
+               f"must be strictly increasing, got {f}")
+        # run directories are named by the fraction to 3 decimals: two fractions must not share one
+        _check(len({f"{x:.3f}" for x in f}) == len(f), "curve.fractions",
+               f"must differ in the first 3 decimals (run directory names), got {f}")
+        _check(bool(self.eval_split), "curve.eval_split", "must be set")
+        _check(self.only is None or 0 <= self.only < len(f), "curve.only",
+               f"must be in [0, {len(f)}) (an index into curve.fractions) or null")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -255,6 +283,7 @@ class TrainConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     bag: BagConfig = field(default_factory=BagConfig)  # read by launch.bag only
+    curve: CurveConfig = field(default_factory=CurveConfig)  # read by launch.learning_curve only
     run_dir: str = "???"
 
     def __post_init__(self) -> None:

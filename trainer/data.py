@@ -98,6 +98,8 @@ class StreamConfig:
     max_bad_fraction: float = 0.01
     bootstrap_member: int | None = None  # bagging: repeat each sample bootstrap_count(...) times
     bootstrap_seed: int = 0
+    fraction: float = 1.0  # learning curves: only samples in_subset(fraction_seed, key, fraction)
+    fraction_seed: int = 0
 
 
 # ---------------------------------------------------------------- planning (pure, tested directly)
@@ -155,6 +157,14 @@ def bootstrap_count(seed: int, member: int, key: str) -> int:
         p /= k
         cdf += p
     return k
+
+
+def in_subset(seed: int, key: str, fraction: float) -> bool:
+    """Whether a training sample belongs to the `fraction` subset: a uniform draw from (seed, key) alone,
+    so subsets are nested across fractions, the same on every rank and rerun, and keep about `fraction`
+    of every class (stratified in expectation) without a global index or a class listing."""
+    # fraction 1 keeps everything even where the float division rounds a hash up to 1.0
+    return fraction >= 1 or stable_hash("subset", seed, key) / 2**64 < fraction
 
 
 # ---------------------------------------------------------------- reading
@@ -235,6 +245,7 @@ class TrainStream(IterableDataset):
         rng = random.Random(stable_hash("shuffle", self.cfg.seed, self.epoch, self.rank, logical))
 
         member, bag_seed = self.cfg.bootstrap_member, self.cfg.bootstrap_seed
+        fraction, subset_seed = self.cfg.fraction, self.cfg.fraction_seed
 
         def cycle() -> Iterator[dict]:
             while True:  # start over when the slot's shards run out before its quota
@@ -242,13 +253,17 @@ class TrainStream(IterableDataset):
                 for shard in shards:
                     for sample in read_shard(shard):
                         key = sample["__key__"]
+                        if not in_subset(subset_seed, key, fraction):
+                            continue  # the subset first, then the bootstrap resample of the subset
                         repeats = 1 if member is None else bootstrap_count(bag_seed, member, key)
                         for _ in range(repeats):
                             yielded += 1
                             yield sample
                 if yielded == 0:
                     raise DataError(f"shards {[s.name for s in shards]} yield no samples"
-                                    + (f" in bootstrap member {member}" if member is not None else ""))
+                                    + (f" in bootstrap member {member}" if member is not None else "")
+                                    + (f" in the data.fraction={fraction} subset: use fewer loader.workers "
+                                       "or a larger fraction" if fraction < 1 else ""))
 
         return wds.filters._shuffle(cycle(), self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
 

@@ -90,7 +90,7 @@ class Trainer:
                                  eval_crop_ratio=cfg.data.eval_crop_ratio)
         if cfg.data.backend == "synthetic":
             n, self.classes = cfg.data.synthetic_samples, tuple(map(str, range(cfg.data.synthetic_classes)))
-            self.steps_per_epoch = data.steps_per_epoch(n, batch, env.world_size, accum)
+            self.steps_per_epoch = data.steps_per_epoch(self._epoch_samples(n), batch, env.world_size, accum)
             self.loader = data.SyntheticLoader(n, len(self.classes), batch, cfg.data.crop_size,
                                                self.steps_per_epoch * accum, cfg.trainer.seed, env.rank)
             self.val_set = None
@@ -99,13 +99,21 @@ class Trainer:
         self.val_set = shardset.load(cfg.data.shards, cfg.data.val_split) if cfg.data.val_split else None
         self._check_shards(train_set.shards + (self.val_set.shards if self.val_set else ()))
         self.classes = train_set.classes
-        self.steps_per_epoch = data.steps_per_epoch(train_set.num_samples, batch, env.world_size, accum)
+        self.steps_per_epoch = data.steps_per_epoch(self._epoch_samples(train_set.num_samples), batch,
+                                                    env.world_size, accum)
         stream_cfg = StreamConfig(batch, cfg.trainer.seed, cfg.data.shuffle_buffer,
                                   min(100, cfg.data.shuffle_buffer), cfg.data.max_bad_fraction,
-                                  cfg.data.bootstrap_member, cfg.data.bootstrap_seed)
+                                  cfg.data.bootstrap_member, cfg.data.bootstrap_seed,
+                                  fraction=cfg.data.fraction, fraction_seed=cfg.data.fraction_seed)
         stream = data.TrainStream(train_set, train_transform(self.aug), stream_cfg, env.rank,
                                   env.world_size, cfg.loader.workers, self.steps_per_epoch * accum)
         self.loader = data.ShardLoader(stream, cfg.loader.workers, self._pin(), cfg.loader.prefetch)
+
+    def _epoch_samples(self, num_samples: int) -> int:
+        """Samples in an epoch: the split, or the expected size of its `data.fraction` subset (counting
+        the exact subset would mean reading every shard before the first step)."""
+        fraction = self.cfg.data.fraction
+        return num_samples if fraction >= 1 else round(fraction * num_samples)
 
     def _pin(self) -> bool:
         return self.cfg.loader.pin_memory and self.device.type == "cuda"
@@ -166,6 +174,8 @@ class Trainer:
                                         self.total_steps, warmup, o.base_batch)
         self.recipe.update(warmup_start_factor=start, steps_per_epoch=steps, epochs=self.epochs,
                            precision=self.precision, device=str(self.device), classes=len(self.classes))
+        if cfg.data.fraction < 1:  # only then: a full run's recipe stays as it was
+            self.recipe.update(data_fraction=cfg.data.fraction, fraction_seed=cfg.data.fraction_seed)
 
     def _resume(self) -> str | None:
         state = self.checkpoints.load_latest()

@@ -1,4 +1,4 @@
-"""Report figures: the confusion matrix and the reliability diagram, as PNG files.
+"""Report figures as PNG files: the confusion matrix, the reliability diagram, the learning curve.
 
 matplotlib's object API (`Figure`, no pyplot): no global figure state and no display backend, which
 a compute node does not have. Files are written to a temporary name and renamed, like every report.
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 # cells are annotated with counts up to this many classes; past it the numbers are unreadable
 ANNOTATE_MAX = 25
@@ -20,8 +21,11 @@ ANNOTATE_MAX = 25
 
 def save(fig: Figure, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -79,4 +83,26 @@ def reliability_png(path: Path, diagrams: Mapping[str, list[dict]], eces: Mappin
                linewidth=0.5)
     bottom.set_xlabel("confidence (max probability)")
     bottom.set_ylabel(f"{highlight}\nsamples")
+    return save(fig, path)
+
+
+def learning_curve_png(path: Path, rows: list[dict], split: str) -> Path:
+    """Accuracy against training images (log x), each point labelled with its fraction."""
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
+    x = [r["train_images"] for r in rows]
+    for key, label in (("top1", "top-1 accuracy"), ("balanced_acc", "balanced accuracy")):
+        ax.plot(x, [r[key] for r in rows], marker="o", label=label)
+    for r in rows:
+        ax.annotate(f"{r['fraction']:g}", (r["train_images"], r["top1"]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xticks(x, [str(n) for n in x])  # the counts themselves, not crowded minor log labels
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("training images (log scale)")
+    ax.set_ylabel(f"accuracy on {split}")
+    ax.set_title("learning curve (labels: fraction of the training split)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best")
     return save(fig, path)
