@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-run
+# DDP ranks for the demo bag: 1 here, because on 2 cores two ranks are slower at the same global batch
+# (docs/BENCHMARKS.md); `make demo DEMO_PROCS=2` trains each member under torchrun with 2 gloo ranks
+DEMO_PROCS ?= 1
+DEMO_BAG := $(if $(filter 1,$(DEMO_PROCS)),$(PY) -m launch.bag,OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(DEMO_PROCS) -m launch.bag)
 
 .PHONY: install demo test lint clean
 
@@ -17,12 +21,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $@
 
 # 5,000 MNIST digits -> 20 verified shards -> a bag of 2 ResNet-18 members on bootstrap resamples
-# (conf/experiment/demo.yaml) -> report of each member and the ensemble. Running it again resumes
-# the finished runs, which then have nothing left to do.
+# (conf/experiment/demo.yaml) -> report of each member and the ensemble (table, per-class CSV, confusion
+# and reliability PNGs). Running it again resumes the finished runs, which then have nothing left to do.
 demo: install
 	$(PY) -m shards.build source=demo out=$(DEMO_DIR)/shards shard.maxcount=250
 	$(PY) -m shards.verify dir=$(DEMO_DIR)/shards
-	$(PY) -m launch.bag experiment=demo bag.members=2 data.shards=$(DEMO_DIR)/shards run_dir=$(DEMO_DIR)/bag
+	$(DEMO_BAG) experiment=demo bag.members=2 data.shards=$(DEMO_DIR)/shards run_dir=$(DEMO_DIR)/bag
 	$(PY) -m launch.evaluate bag=$(DEMO_DIR)/bag data.shards=$(DEMO_DIR)/shards data.split=test workers=1
 
 test: install
