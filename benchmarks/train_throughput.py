@@ -6,7 +6,7 @@ interval) and data_wait (fraction of the interval spent waiting for the next bat
 the start-up (DataLoader workers, first allocations, cuDNN autotuning) and is skipped; the table gives
 the median and min-max of the remaining lines.
 
-- `--backend synthetic`: `data.backend=synthetic`, random uint8 images made once and reused, so the number
+- `--backend synthetic`: `loader.backend=synthetic`, random uint8 images made once and reused, so the number
   is the model's forward/backward/optimizer step plus the loop's own overhead, with no input cost.
 - `--backend webdataset`: the same loop reading `--shards` (decode + RandomResizedCrop in
   `--workers` DataLoader processes), without validation.
@@ -112,7 +112,7 @@ def command(args: argparse.Namespace, backend: str, run_dir: Path, samples: int 
            f"model.channels_last={str(args.channels_last).lower()}",
            f"model.compile={str(args.compile).lower()}"]
     if backend == "synthetic":
-        cmd += ["data.backend=synthetic", "data.shards=none", f"data.synthetic_classes={classes}"]
+        cmd += ["loader.backend=synthetic", "data.shards=none", f"data.synthetic_classes={classes}"]
         cmd += [f"data.synthetic_samples={samples}"] if samples else []
     else:
         cmd += [f"data.shards={args.shards}", "data.val_split=null"]

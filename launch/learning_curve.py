@@ -40,6 +40,7 @@ from trainer import config as schema
 from trainer import distributed, plots, shardset
 from trainer.data import in_subset, read_shard
 from trainer.provenance import write_text_atomic
+from trainer.transforms import BadSample, parse_label
 
 log = logging.getLogger("launch.learning_curve")
 CURVE_FILE, CSV_FILE, PLOT_FILE = "curve.json", "learning_curve.csv", "learning_curve.png"
@@ -66,8 +67,9 @@ def describe(cfg: schema.TrainConfig) -> dict:
 
 def check(cfg: schema.TrainConfig) -> None:
     """What would make the report impossible fails now, before any training or submission."""
-    if cfg.data.backend != "webdataset":
-        raise ConfigError(f"data.backend={cfg.data.backend}: a learning curve needs shards (webdataset)")
+    if cfg.loader.backend != "webdataset":
+        raise ConfigError(f"loader.backend={cfg.loader.backend}: a learning curve needs "
+                          "loader.backend=webdataset (data.fraction subsets)")
     try:
         shardset.load(cfg.data.shards, cfg.curve.eval_split)
     except shardset.ShardSetError as err:
@@ -152,20 +154,13 @@ def subset_counts(shards: str, split: str, fractions: list[float], seed: int) ->
     counts = {f: [0] * split_set.num_classes for f in fractions}
     for shard in split_set.shards:
         for sample in read_shard(shard):
-            label = _label(sample.get("cls"), split_set.num_classes)
-            if label is None:
+            try:
+                label = parse_label(sample.get("cls"), split_set.num_classes)
+            except BadSample:
                 continue
             for f in fractions:
                 counts[f][label] += in_subset(seed, sample["__key__"], f)
     return counts
-
-
-def _label(raw: bytes | None, num_classes: int) -> int | None:
-    try:
-        label = int(raw.decode("ascii").strip()) if raw is not None else -1
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return label if 0 <= label < num_classes else None
 
 
 def row(fraction: float, per_class: list[int], metrics: dict) -> dict:

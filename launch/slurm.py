@@ -92,7 +92,7 @@ def preflight(cfg: TrainConfig) -> None:
     """What can be known on the login node fails here, naming the setting, before a job waits in queue."""
     if shutil.which("sbatch") is None:
         raise ConfigError("launcher=slurm: no sbatch on this machine (run from a SLURM login node)")
-    if cfg.data.backend == "webdataset":
+    if cfg.loader.backend != "synthetic":
         try:
             shardset.read_info(Path(cfg.data.shards).expanduser())
         except shardset.ShardSetError as err:
@@ -147,7 +147,7 @@ def log_folder(cfg: TrainConfig) -> Path:
 def for_the_job(cfg: TrainConfig) -> TrainConfig:
     # relative paths are relative to the submitting directory, not to wherever the job lands
     data = replace(cfg.data, shards=str(Path(cfg.data.shards).expanduser().resolve())
-                   if cfg.data.backend == "webdataset" else cfg.data.shards)
+                   if cfg.loader.backend != "synthetic" else cfg.data.shards)
     return replace(cfg, data=data, run_dir=str(Path(cfg.run_dir).expanduser().resolve()))
 
 

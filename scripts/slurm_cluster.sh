@@ -76,7 +76,8 @@ start_munge() {
     fi
     install -d -o munge -g munge -m 0755 /run/munge
     install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
-    runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1 \
+    # 9>&-: a daemon must not inherit the lock's descriptor, or it holds the lock for its lifetime
+    runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1 9>&- \
         || die "munged did not start; see /var/log/munge/munged.log"
     local i
     for i in $(seq 50); do munge_ok && return 0; sleep 0.1; done
@@ -210,7 +211,7 @@ start_daemons() {
     local n i
     install -d -m 0755 "$LOG_DIR" "$STATE_DIR" "$SPOOL_DIR"
     if ! alive "$CTLD_PID" slurmctld; then
-        slurmctld </dev/null >/dev/null 2>&1 || die "slurmctld did not start; see $LOG_DIR/slurmctld.log"
+        slurmctld </dev/null >/dev/null 2>&1 9>&- || die "slurmctld did not start; see $LOG_DIR/slurmctld.log"
     fi
     for i in $(seq $((WAIT_S * 5))); do
         [[ "$(timeout 5 scontrol ping 2>/dev/null || true)" == *"is UP"* ]] && break
@@ -223,7 +224,7 @@ start_daemons() {
     for n in "${NODES[@]}"; do
         alive "$(slurmd_pidfile "$n")" slurmd && continue
         install -d -m 0755 "$SPOOL_DIR/$n"
-        slurmd -N "$n" </dev/null >/dev/null 2>&1 || die "slurmd -N $n did not start; see $LOG_DIR/slurmd-$n.log"
+        slurmd -N "$n" </dev/null >/dev/null 2>&1 9>&- || die "slurmd -N $n did not start; see $LOG_DIR/slurmd-$n.log"
     done
 }
 

@@ -48,7 +48,16 @@ def test_demo_and_debug_presets_compose():
     assert debug.trainer.max_steps == 10 and debug.loader.workers == 0 and debug.logger.mode == "disabled"
 
 
+def test_loader_backends_compose():
+    synthetic = load("data=synthetic")
+    assert synthetic.loader.backend == "synthetic" and synthetic.data.val_split is None
+    dali = load("loader.backend=dali", "loader.dali.device=gpu")
+    assert (dali.loader.backend, dali.loader.dali.device, dali.data.crop_size) == ("dali", "gpu", 224)
+
+
 @pytest.mark.parametrize(("override", "key"), [
+    ("loader.backend=ffcv", "loader.backend"),
+    ("loader.dali.device=tpu", "loader.dali.device"),
     ("launcher.nodes=0", "launcher.nodes"),
     ("launcher.signal_lead_s=4000", "launcher.signal_lead_s"),
     ("trainer.signals=[SIGTERM]", "launcher.signal"),

@@ -254,7 +254,7 @@ def test_optional_paths_train_and_stay_finite(shards, tmp_path, extra):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_channels_last_synthetic_steps(tmp_path):
-    cfg = config(Path("none"), tmp_path / "r", "data.backend=synthetic", "data.synthetic_samples=512",
+    cfg = config(Path("none"), tmp_path / "r", "loader.backend=synthetic", "data.synthetic_samples=512",
                  "model.name=resnet50", "data.crop_size=224", "loader.batch_size=32", "trainer.max_steps=5",
                  "data.val_split=null")
     assert train(cfg) == 0

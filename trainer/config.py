@@ -26,7 +26,6 @@ def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
 @dataclass
 class DataConfig:
     shards: str = "???"
-    backend: str = "webdataset"     # webdataset | synthetic
     train_split: str = "train"
     val_split: str | None = "val"   # null: no validation
     check: str = "sha256"           # compare shards with the manifest before training: sha256 | size | off
@@ -40,7 +39,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     shuffle_buffer: int = 1000      # samples per reader; larger mixes shards better, costs memory
     max_bad_fraction: float = 0.01  # per shard: more undecodable samples than this stops the run
-    synthetic_samples: int = 1_281_167  # synthetic backend: "dataset" size (ImageNet-1k train)
+    synthetic_samples: int = 1_281_167  # loader.backend=synthetic: "dataset" size (ImageNet-1k train)
     synthetic_classes: int = 1000
     # bagging (set by launch.bag): this member's bootstrap resample of the training split; null: none
     bootstrap_member: int | None = None
@@ -51,7 +50,6 @@ class DataConfig:
     fraction_seed: int = 0
 
     def __post_init__(self) -> None:
-        _one_of(self.backend, "data.backend", ("webdataset", "synthetic"))
         _one_of(self.check, "data.check", ("sha256", "size", "off"))
         _one_of(self.augment, "data.augment", ("none", "trivialaugment", "colorjitter"))
         _check(self.crop_size > 0, "data.crop_size", "must be > 0")
@@ -70,13 +68,26 @@ class DataConfig:
 
 
 @dataclass
-class LoaderConfig:
-    batch_size: int = 64    # per rank and per micro-step; global batch = this x world x accum_steps
-    workers: int = 4        # DataLoader processes per rank; 0 reads in the training process
-    prefetch: int = 2       # batches queued per worker
-    pin_memory: bool = True
+class DaliConfig:
+    device: str = "cpu"     # cpu (runs anywhere) | gpu (nvJPEG "mixed" decoding, augmentation on the GPU)
+    threads: int = 4        # DALI worker threads per rank
 
     def __post_init__(self) -> None:
+        _one_of(self.device, "loader.dali.device", ("cpu", "gpu"))
+        _check(self.threads >= 1, "loader.dali.threads", "must be >= 1")
+
+
+@dataclass
+class LoaderConfig:
+    backend: str = "webdataset"  # webdataset | dali (trainer/dali.py) | synthetic (no I/O: the ceiling)
+    batch_size: int = 64    # per rank and per micro-step; global batch = this x world x accum_steps
+    workers: int = 4        # DataLoader processes per rank; 0 reads in the training process
+    prefetch: int = 2       # batches queued per worker (DALI: per pipeline)
+    pin_memory: bool = True
+    dali: DaliConfig = field(default_factory=DaliConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.backend, "loader.backend", ("webdataset", "dali", "synthetic"))
         _check(self.batch_size > 0, "loader.batch_size", "must be > 0")
         _check(self.workers >= 0, "loader.workers", "must be >= 0")
         _check(self.prefetch >= 1, "loader.prefetch", "must be >= 1")

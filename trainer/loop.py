@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from trainer.metrics import MetricState
 from trainer.preempt import EXIT_PREEMPTED, Status, StopFlag, agree
 from trainer.tracker import Tracker
 from trainer.transforms import AugmentConfig, Normalize, eval_transform, train_transform
+
+if TYPE_CHECKING:
+    from trainer.dali import DaliLoader
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,7 @@ class Trainer:
         self.aug = AugmentConfig(cfg.data.crop_size, tuple(cfg.data.scale), hflip=cfg.data.hflip,
                                  augment=cfg.data.augment, color_jitter=cfg.data.color_jitter,
                                  eval_crop_ratio=cfg.data.eval_crop_ratio)
-        if cfg.data.backend == "synthetic":
+        if cfg.loader.backend == "synthetic":
             n, self.classes = cfg.data.synthetic_samples, tuple(map(str, range(cfg.data.synthetic_classes)))
             self.steps_per_epoch = data.steps_per_epoch(self._epoch_samples(n), batch, env.world_size, accum)
             self.loader = data.SyntheticLoader(n, len(self.classes), batch, cfg.data.crop_size,
@@ -105,9 +109,27 @@ class Trainer:
                                   min(100, cfg.data.shuffle_buffer), cfg.data.max_bad_fraction,
                                   cfg.data.bootstrap_member, cfg.data.bootstrap_seed,
                                   fraction=cfg.data.fraction, fraction_seed=cfg.data.fraction_seed)
+        if cfg.loader.backend == "dali":
+            self.loader = self._dali_loader(train_set, batch, self.steps_per_epoch * accum)
+            return
         stream = data.TrainStream(train_set, train_transform(self.aug), stream_cfg, env.rank,
                                   env.world_size, cfg.loader.workers, self.steps_per_epoch * accum)
         self.loader = data.ShardLoader(stream, cfg.loader.workers, self._pin(), cfg.loader.prefetch)
+
+    def _dali_loader(self, train_set: shardset.ShardSet, batch: int, batches: int) -> DaliLoader:
+        from trainer import dali  # optional: imported only when chosen
+
+        cfg = self.cfg
+        if cfg.data.bootstrap_member is not None or cfg.data.fraction < 1:
+            raise ConfigError("loader.backend=dali reads every sample once per pass: bagging's bootstrap "
+                              "resample and data.fraction need loader.backend=webdataset")
+        gpu = cfg.loader.dali.device == "gpu"
+        if gpu and self.device.type != "cuda":
+            raise ConfigError("loader.dali.device=gpu needs a CUDA device; use loader.dali.device=cpu")
+        options = dali.DaliOptions(cfg.loader.dali.device, cfg.loader.dali.threads, cfg.loader.prefetch,
+                                   cfg.data.shuffle_buffer, self.device.index if gpu else None)
+        return dali.DaliLoader(train_set, self.aug, batch, self.env.rank, self.env.world_size, batches,
+                               cfg.trainer.seed, options)
 
     def _epoch_samples(self, num_samples: int) -> int:
         """Samples in an epoch: the split, or the expected size of its `data.fraction` subset (counting

@@ -51,7 +51,7 @@ def decode(sample: dict, num_classes: int, labelled: bool = True) -> tuple[Tenso
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise BadSample(f"no image member (have {sorted(k for k in sample if not k.startswith('__'))})")
-    label = -1 if not labelled and sample.get("cls") is None else _label(sample.get("cls"), num_classes)
+    label = -1 if not labelled and sample.get("cls") is None else parse_label(sample.get("cls"), num_classes)
     return decode_bytes(sample[key], f".{key}"), label
 
 
@@ -72,7 +72,8 @@ def decode_bytes(data: bytes, what: str) -> Tensor:
     return v2.functional.to_dtype(image, torch.uint8, scale=True) if image.dtype != torch.uint8 else image
 
 
-def _label(raw: bytes | None, num_classes: int) -> int:
+def parse_label(raw: bytes | None, num_classes: int) -> int:
+    """The class index in a `.cls` member (ASCII digits); `BadSample` when missing or out of range."""
     if raw is None:
         raise BadSample("no .cls member")
     try:
