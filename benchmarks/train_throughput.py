@@ -1,4 +1,4 @@
-"""Training throughput (images/s) of `launch.train`: synthetic input, WebDataset shards, or both side by side.
+"""Training throughput (images/s) of `launch.train` per loader backend and rank count, side by side.
 
 Runs `python -m launch.train` for `--steps` optimizer steps (`trainer.max_steps`) per backend and reads
 its `metrics.jsonl`: every `--log-every` steps a "train" line carries images_per_s (global, over that
@@ -10,8 +10,12 @@ the median and min-max of the remaining lines.
   is the model's forward/backward/optimizer step plus the loop's own overhead, with no input cost.
 - `--backend webdataset`: the same loop reading `--shards` (decode + RandomResizedCrop in
   `--workers` DataLoader processes), without validation.
-- `--backend both`: both, in that order, with the synthetic run given the shards' class count and sample
-  count so the two differ only in where the batches come from; the table adds the images/s ratio.
+- `--backend dali-cpu` / `dali-gpu`: `loader.backend=dali` with `--workers` DALI threads.
+- Several backends (`both` = synthetic webdataset) run interleaved; the synthetic run gets the shards'
+  class count and sample count, so runs differ only in where batches come from, and the table adds each
+  backend's ratio to synthetic: the fraction of the model's speed that the data path delivers.
+- `--nproc 1 2` repeats every backend with 1 and 2 ranks under `torchrun --standalone` (gloo on CPU, NCCL
+  on GPUs): images/s in total and per rank, a first scaling figure.
 
 Precision `auto` is bf16 on a GPU and fp32 on a CPU. GPU reference (ResNet-50, 224 px, 64 per GPU):
 
@@ -24,6 +28,8 @@ CPU check and the data-loading comparison on the demo shards (what docs/BENCHMAR
         --backend synthetic
     python benchmarks/train_throughput.py --model resnet18 --crop 28 --batch 64 --steps 60 --log-every 10 \
         --backend both --shards /tmp/goyal-shards --workers 1
+    python benchmarks/train_throughput.py --model resnet18 --crop 28 --batch 64 --steps 60 --log-every 10 \
+        --backend synthetic webdataset dali-cpu --shards /tmp/goyal-shards --workers 1 --nproc 1 2
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+BACKENDS = ("synthetic", "webdataset", "dali-cpu", "dali-gpu")
 
 
 @dataclass(frozen=True)
@@ -52,12 +59,14 @@ class Row:
     batch: int
     precision: str
     device: str
+    ranks: int
     lines_used: int
     images_per_s: float
     min: float
     max: float
     data_wait: float
     ratio_to_synthetic: float | None
+    images_per_s_per_rank: float = 0.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,8 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=120, help="trainer.max_steps")
     p.add_argument("--log-every", type=int, default=20, help="trainer.log_every; the first line is skipped")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--backend", default="synthetic", choices=("synthetic", "webdataset", "both"))
-    p.add_argument("--shards", type=Path, help="shards.build output (webdataset and both)")
+    p.add_argument("--backend", nargs="+", default=["synthetic"], choices=BACKENDS + ("both",),
+                   help="one or more; `both` = synthetic webdataset. The ratio column is to synthetic")
+    p.add_argument("--shards", type=Path, help="shards.build output (every backend but synthetic)")
+    p.add_argument("--nproc", type=int, nargs="+", default=[1],
+                   help="ranks per run (torchrun --standalone; gloo on CPU): a scaling figure with 1 2")
     p.add_argument("--workers", type=int, default=4, help="loader.workers")
     p.add_argument("--classes", type=int, default=1000, help="synthetic backend alone: classifier outputs")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
@@ -104,8 +116,11 @@ def shard_counts(shards: Path) -> tuple[int, int]:
 
 
 def command(args: argparse.Namespace, backend: str, run_dir: Path, samples: int | None,
-            classes: int) -> list[str]:
-    cmd = [sys.executable, "-m", "launch.train", f"run_dir={run_dir}", "logger.mode=disabled",
+            classes: int, ranks: int = 1) -> list[str]:
+    launcher = [sys.executable, "-m", "launch.train"] if ranks == 1 else [
+        str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={ranks}",
+        "-m", "launch.train"]
+    cmd = [*launcher, f"run_dir={run_dir}", "logger.mode=disabled",
            f"model.name={args.model}", f"data.crop_size={args.crop}", f"loader.batch_size={args.batch}",
            f"loader.workers={args.workers}", f"trainer.max_steps={args.steps}",
            f"trainer.log_every={args.log_every}", f"trainer.precision={args.precision}",
@@ -116,6 +131,9 @@ def command(args: argparse.Namespace, backend: str, run_dir: Path, samples: int 
         cmd += [f"data.synthetic_samples={samples}"] if samples else []
     else:
         cmd += [f"data.shards={args.shards}", "data.val_split=null"]
+    if backend.startswith("dali"):  # DALI threads stand in for DataLoader workers
+        cmd += ["loader.backend=dali", f"loader.dali.device={backend.split('-')[1]}",
+                f"loader.dali.threads={max(1, args.workers)}"]
     return cmd + list(args.overrides)
 
 
@@ -135,22 +153,23 @@ def recipe(run_dir: Path) -> dict:
     return {k.removeprefix("recipe/"): v for k, v in summary.items() if k.startswith("recipe/")}
 
 
-def to_row(args: argparse.Namespace, backend: str, used: list[dict], derived: dict) -> Row:
-    rates = [float(x["images_per_s"]) for x in used]
+def to_row(args: argparse.Namespace, backend: str, ranks: int, used: list[dict], derived: dict) -> Row:
+    rates = [float(x["images_per_s"]) for x in used]  # global: every rank's images
     wait = statistics.median(float(x["data_wait"]) for x in used)
+    median = statistics.median(rates)
     return Row(backend, args.model, args.crop, args.batch, str(derived["precision"]), str(derived["device"]),
-               len(used), statistics.median(rates), min(rates), max(rates), wait, None)
+               ranks, len(used), median, min(rates), max(rates), wait, None, median / ranks)
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| backend | model | crop | batch | precision | device | lines used | images/s (median) "
-             "| min-max | data_wait (median) | ratio to synthetic |",
-             "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| backend | model | crop | batch | precision | device | ranks | lines used | images/s (median) "
+             "| min-max | per rank | data_wait (median) | ratio to synthetic |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = "-" if r.ratio_to_synthetic is None else f"{r.ratio_to_synthetic:.3f}"
         lines.append(f"| {r.backend} | {r.model} | {r.crop} | {r.batch} | {r.precision} | {r.device} "
-                     f"| {r.lines_used} | {r.images_per_s:.1f} | {r.min:.1f}-{r.max:.1f} "
-                     f"| {100 * r.data_wait:.1f}% | {ratio} |")
+                     f"| {r.ranks} | {r.lines_used} | {r.images_per_s:.1f} | {r.min:.1f}-{r.max:.1f} "
+                     f"| {r.images_per_s_per_rank:.1f} | {100 * r.data_wait:.1f}% | {ratio} |")
     return "\n".join(lines)
 
 
@@ -158,35 +177,38 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.steps < 2 * args.log_every:
         sys.exit("error: --steps must be at least 2 x --log-every (the first line is warm-up)")
-    backends = ["synthetic", "webdataset"] if args.backend == "both" else [args.backend]
+    chosen = [b for x in args.backend for b in (("synthetic", "webdataset") if x == "both" else (x,))]
+    backends = sorted(set(chosen), key=BACKENDS.index)  # synthetic first: the ratios' base
     samples, classes = None, args.classes
-    if "webdataset" in backends:
+    if backends != ["synthetic"]:
         if args.shards is None or not (args.shards / "_info.json").exists():
-            sys.exit("error: --backend webdataset/both needs --shards DIR (a shards.build output)")
+            sys.exit("error: every backend but synthetic needs --shards DIR (a shards.build output)")
         samples, classes = shard_counts(args.shards)
     print(f"machine: {machine()}")
     print(f"runs: {args.repeats} x {args.steps} steps per backend, a train line every {args.log_every}, "
           f"the first of each run skipped; channels_last={args.channels_last}, workers={args.workers}\n")
-    used: dict[str, list[dict]] = {b: [] for b in backends}
-    derived: dict[str, dict] = {}
+    runs = [(b, n) for n in args.nproc for b in backends]
+    used: dict[tuple[str, int], list[dict]] = {run: [] for run in runs}
+    derived: dict[tuple[str, int], dict] = {}
     load_before = os.getloadavg()[0]
     scratch = Path(tempfile.mkdtemp(prefix="taxotrain-throughput-"))
     try:
-        for r in range(args.repeats):  # backends interleaved, so drifting load hits both alike
-            for backend in backends:
-                run_dir = scratch / f"{backend}-{r}"
-                lines = train(command(args, backend, run_dir, samples, classes), run_dir, args.repo)
+        for r in range(args.repeats):  # backends interleaved, so drifting load hits them all alike
+            for backend, ranks in runs:
+                run_dir = scratch / f"{backend}-{ranks}-{r}"
+                cmd = command(args, backend, run_dir, samples, classes, ranks)
+                lines = train(cmd, run_dir, args.repo)
                 if len(lines) < 2:
                     sys.exit(f"error: {len(lines)} train line(s); raise --steps or lower --log-every")
-                used[backend] += lines[1:]  # the first line holds the start-up
-                derived[backend] = recipe(run_dir)
-        rows = [to_row(args, b, used[b], derived[b]) for b in backends]
+                used[(backend, ranks)] += lines[1:]  # the first line holds the start-up
+                derived[(backend, ranks)] = recipe(run_dir)
+        rows = [to_row(args, b, n, used[(b, n)], derived[(b, n)]) for b, n in runs]
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    if len(rows) == 2:
-        base = rows[0].images_per_s
-        rows = [Row(**{**asdict(r), "ratio_to_synthetic": r.images_per_s / base}) for r in rows]
+    base = {r.ranks: r.images_per_s for r in rows if r.backend == "synthetic"}
+    rows = [Row(**{**asdict(r), "ratio_to_synthetic": r.images_per_s / base[r.ranks]}) if r.ranks in base
+            else r for r in rows]
     print(markdown(rows))
     print(f"\n1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
           f"(above ~0 on an idle machine: other processes shared the cores)")
