@@ -1,6 +1,13 @@
-"""The `dali` backend (DALI in CPU mode, no GPU needed): same contract and labels as `webdataset`."""
+"""The `dali` backend (DALI in CPU mode, no GPU needed): same contract and labels as `webdataset`.
+
+Each CPU test runs in a child pytest process (`isolated`): with DALI loaded into the suite's process,
+a later in-process bf16 training (test_train's optional paths, after test_ensemble) produced NaN
+losses from its second step; in a process of their own both pass. The cause is not found yet.
+"""
 from __future__ import annotations
 
+import functools
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -19,6 +26,21 @@ from trainer.preempt import EXIT_PREEMPTED
 from trainer.transforms import AugmentConfig, train_transform
 
 pytestmark = pytest.mark.dali
+CHILD = "TAXOTRAIN_DALI_TEST_CHILD"
+
+
+def isolated(test):
+    """Run `test` in a child pytest (fixtures are built there again) and fail with its output."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        if os.environ.get(CHILD):
+            return test(*args, **kwargs)
+        node = f"{Path(__file__).resolve()}::{test.__name__}"
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+                              env={**os.environ, CHILD: "1"}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and " passed" in done.stdout and "skipped" not in done.stdout, \
+            done.stdout[-4000:] + done.stderr[-2000:]
+    return run
 SIZES = [13, 7, 20, 8]  # uneven shards, 48 samples: 2 ranks x 6 batches x 4
 WDS2IDX = Path(sys.executable).with_name("wds2idx")  # DALI's own index writer, from its wheel
 
@@ -39,6 +61,7 @@ def class_of(images: torch.Tensor) -> list[int]:
 AUG = AugmentConfig(crop_size=16, scale=(0.5, 1.0))
 
 
+@isolated
 def test_dali_cpu_gives_the_same_steps_and_correct_labels_as_webdataset_per_rank(shards):
     split = shardset.load(shards, "train")
     steps = data.steps_per_epoch(split.num_samples, 4, 2, 1)
@@ -63,6 +86,7 @@ def test_dali_cpu_gives_the_same_steps_and_correct_labels_as_webdataset_per_rank
     assert dali_labels == truth
 
 
+@isolated
 def test_training_with_dali_runs_resumes_and_refuses_what_it_cannot_do(shards, tmp_path):
     common = ["loader.backend=dali", "loader.dali.threads=1", "trainer.max_steps=9", "loader.workers=0"]
     assert train(config(shards, tmp_path / "a", *common)) == 0
@@ -78,6 +102,7 @@ def test_training_with_dali_runs_resumes_and_refuses_what_it_cannot_do(shards, t
         config(shards, tmp_path / "e", "loader.backend=nvjpeg")
 
 
+@isolated
 def test_missing_index_files_and_a_missing_dali_install_are_named(shards, tmp_path, monkeypatch):
     bare = write_shardset(tmp_path / "bare", {"train": [8, 8]})
     with pytest.raises(DataError, match="index file"):

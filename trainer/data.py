@@ -284,7 +284,9 @@ class TrainStream(IterableDataset):
                     image, label = decode(sample, self.num_classes)
                     with torch.random.fork_rng(devices=[]):  # never disturb the caller's RNG
                         seed = sample_seed(self.cfg.seed, self.epoch, self.rank, logical, position)
-                        torch.manual_seed(seed)
+                        # the CPU generator only (what the transforms draw from): torch.manual_seed also
+                        # queues a lazy CUDA seed on CUDA builds, 11% of a worker's time per image
+                        torch.default_generator.manual_seed(seed)
                         images.append(self.transform(image))
                     labels.append(label)
                 except BadSample as err:

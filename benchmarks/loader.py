@@ -1,0 +1,514 @@
+"""Loader throughput (images/s) of every input backend, side by side on the same JPEGs.
+
+Each backend yields uint8 [B, 3, crop, crop] batches through the loader contract
+(`batches_per_epoch`, `epoch(e)` -> `Batch`), with the same augmentation: RandomResizedCrop(crop,
+scale (0.08, 1)) + horizontal flip, the same batch size and the same number of DataLoader workers:
+
+- `imagefolder`: torchvision `ImageFolder` (PIL decode) + `DataLoader(shuffle=True)` with
+  `transforms.v2` RandomResizedCrop, RandomHorizontalFlip, PILToTensor: the reference users know;
+- `webdataset`: ours, `trainer.data.TrainStream` + `ShardLoader` over the shards' train split, as
+  `trainer/loop.py` builds them (torchvision.io decode, seeded per-sample augmentation);
+- `dali-cpu`, `dali-gpu`: `trainer.dali.DaliLoader`; a row says `not available: <reason>` when DALI
+  cannot be imported or the loader cannot be built;
+- `torchvision-gpu`: workers read raw JPEG bytes from the shards, the main process decodes a whole batch
+  with `torchvision.io.decode_jpeg(..., device="cuda")` and crops each image on the GPU;
+- `synthetic`: `trainer.data.SyntheticLoader`, one random batch reused: the upper bound of the loop;
+- `ceiling`: `torchvision.io.decode_jpeg` + the same transform in this one process on one thread, from
+  bytes already in memory, times `--workers`: what the workers could do with no overhead at all.
+
+GPU rows are measured only where `torch.cuda.is_available()`. Every backend gets one untimed warm-up
+run first; then `--repeats` rounds interleave the backends (drifting load hits all alike). A run starts
+a fresh epoch iterator (new DataLoader workers; DALI keeps the pipeline its warm-up built), drops its
+first `--warmup-batches` batches (worker start-up, shuffle-buffer fill) and times the next `--batches`.
+The table gives the median images/s and min-max. This is the loader alone, with nothing else competing
+for the cores: on a machine with few cores, check that no other job runs (the load average is printed).
+The `ceiling` assumes one free core per worker; the main process needs CPU too, so with as many workers
+as cores it overstates what any backend can reach.
+
+The JPEGs are random crops of the colour photos bundled with scikit-image (never downloaded), scaled
+to ImageNet's typical 500x375 (or 500x333, some portrait), quality 90, in 10 class folders. They are
+generated once into `--data`, and sharded there with `shards.build` (`shard.maxcount=100`, so every
+worker has shards), then reused.
+
+    python benchmarks/loader.py [--images 2000] [--batch 64] [--workers 2] [--batches 20] [--repeats 3] \
+        [--backends imagefolder webdataset ...] [--data DIR] [--json PATH]
+
+What docs/BENCHMARKS.md reports (2-core VM, no GPU):
+
+    python benchmarks/loader.py --images 2000 --batches 20 --repeats 5 --workers 2 --json /tmp/loader.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# trainer.transforms also mutes torchvision's per-call decoder deprecation warning
+from shards.build import build  # noqa: E402
+from shards.config import ImageFolderSource, ShardConfig, ShardSizeConfig  # noqa: E402
+from trainer import shardset  # noqa: E402
+from trainer.data import (  # noqa: E402
+    Batch,
+    ShardLoader,
+    StreamConfig,
+    SyntheticLoader,
+    TrainStream,
+    quotas,
+    read_shard,
+    steps_per_epoch,
+)
+from trainer.shardset import Shard, ShardSet  # noqa: E402
+from trainer.transforms import IMAGE_KEYS, AugmentConfig, train_transform  # noqa: E402
+
+BACKENDS = ("imagefolder", "webdataset", "dali-cpu", "dali-gpu", "torchvision-gpu", "synthetic", "ceiling")
+GPU_BACKENDS = ("dali-gpu", "torchvision-gpu")
+OPTIONAL = ("dali-cpu", *GPU_BACKENDS)  # a failure in these is a row, not a crash
+TARGETS = {"imagefolder": 1.3, "ceiling": 0.85}  # issue "Fast data paths": webdataset / these
+
+# colour photos inside the scikit-image wheel (skimage/data/*); the others need a pooch download
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+          "stereo_motorcycle")
+NUM_CLASSES = 10
+LONG_SIDE = 500
+ASPECT = (4 / 3, 3 / 2)  # ImageNet's most common shapes: 500x375 and 500x333
+PORTRAIT = 0.2
+JPEG_QUALITY = 90
+
+
+class Unavailable(RuntimeError):
+    """This backend cannot run here; the message says why (shown in its row)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    backend: str
+    batch: int
+    workers: int
+    crop: int
+    images: int
+    repeats: int
+    batches: int
+    images_per_s: float | None
+    min: float | None
+    max: float | None
+    ratio_to_imagefolder: float | None
+    ratio_to_ceiling: float | None
+    note: str
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    run: Callable[[int], float]  # epoch -> images/s of one timed run
+    note: str = ""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--images", type=int, default=2000, help="generated JPEGs (default 2000)")
+    p.add_argument("--batch", type=int, default=64, help="images per batch (default 64, loader.batch_size)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of every backend (default 2)")
+    p.add_argument("--crop", type=int, default=224, help="RandomResizedCrop size (default 224)")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per run (default 20)")
+    p.add_argument("--warmup-batches", type=int, default=3,
+                   help="batches dropped at the start of every run: worker start-up, buffer fill (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per backend after one warm-up run")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), metavar="NAME",
+                   help=f"a subset of {', '.join(BACKENDS)} (default: all)")
+    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "taxotrain-loader-bench",
+                   help="cache folder for the generated JPEGs and their shards (reused across runs)")
+    p.add_argument("--shard-maxcount", type=int, default=100, help="images per shard (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the rows as a JSON list to this file")
+    args = p.parse_args(argv)
+    for name in ("images", "batch", "batches", "repeats", "shard_maxcount", "crop"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers < 0 or args.warmup_batches < 0:
+        p.error("--workers and --warmup-batches must be >= 0")
+    return args
+
+
+# ---------------------------------------------------------------- machine
+
+
+def dali_version() -> str:
+    try:
+        from nvidia import dali
+    except ImportError:
+        return "not installed"
+    return dali.__version__
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {cores} usable cores ({os.cpu_count()} online), {gpu}, torch {torch.__version__}, "
+            f"torchvision {torchvision.__version__}, DALI {dali_version()}, "
+            f"Python {platform.python_version()}")
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_photos() -> list[np.ndarray]:
+    from skimage import data  # only the generating run pays for scikit-image
+
+    photos = [getattr(data, name)() for name in PHOTOS]
+    return [p[0] if isinstance(p, tuple) else p for p in photos]  # stereo_motorcycle: (left, right, disp)
+
+
+def random_photo(photo: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """50-100% of the largest window of an ImageNet-like shape, scaled to 500 px on its long side."""
+    h, w = photo.shape[:2]
+    aspect = rng.uniform(*ASPECT)
+    aspect = 1 / aspect if rng.random() < PORTRAIT else aspect  # width / height
+    fit_h = min(h, w / aspect) * rng.uniform(0.5, 1.0)
+    ch, cw = max(1, int(fit_h)), max(1, int(fit_h * aspect))
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    size = (LONG_SIDE, round(LONG_SIDE / aspect)) if aspect >= 1 else (round(LONG_SIDE * aspect), LONG_SIDE)
+    im = Image.fromarray(photo[y:y + ch, x:x + cw]).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    # a mirrored copy differs byte for byte, so repeated photos are not identical inputs
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
+
+
+def make_images(cache: Path, count: int, seed: int) -> Path:
+    """Class folders of `count` JPEGs; generated once per (count, seed), then reused."""
+    root = cache / f"skimage-{LONG_SIDE}px-n{count}-s{seed}"
+    # beside the folder, not in it: shards.build would quarantine a stray file in the source root
+    stamp = cache / f"{root.name}.complete"
+    if stamp.exists():
+        return root
+    print(f"generating {count} JPEGs in {root} ...", file=sys.stderr)
+    rng = np.random.default_rng(seed)
+    photos = load_photos()
+    for i in range(count):
+        folder = root / f"class{i % NUM_CLASSES:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        photo = photos[int(rng.integers(len(photos)))]
+        random_photo(photo, rng).save(folder / f"img{i:06d}.jpg", "JPEG", quality=JPEG_QUALITY)
+    stamp.write_text(f"{count}\n")  # last: an interrupted generation is redone, never timed
+    return root
+
+
+def make_shards(root: Path, cache: Path, maxcount: int, seed: int) -> Path:
+    """`shards.build source=imagefolder` of the folder, once; the manifest is written last."""
+    out = cache / f"shards-{root.name}-m{maxcount}"
+    if not (out / "_info.json").is_file():
+        print(f"building shards in {out} ...", file=sys.stderr)
+        cfg = ShardConfig(source=ImageFolderSource(root=str(root)), out=str(out), seed=seed,
+                          shard=ShardSizeConfig(maxcount=maxcount), workers=2, progress=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # build() prints a summary; keep the table clean
+            info = build(cfg)
+        if info["quarantined"]:
+            raise RuntimeError(f"{info['quarantined']} generated images quarantined: see {out}")
+    return out
+
+
+def describe(root: Path, train: ShardSet) -> str:
+    files = sorted(root.glob("*/*.jpg"))
+    sizes = []
+    for f in files:
+        with Image.open(f) as im:
+            sizes.append(im.size)
+    w, h = np.mean(sizes, axis=0)
+    kib = np.mean([f.stat().st_size for f in files]) / 1024
+    return (f"{len(files)} JPEGs (q{JPEG_QUALITY}, mean {w:.0f}x{h:.0f} px, {kib:.0f} KiB) in {NUM_CLASSES} "
+            f"classes, crops of skimage.data {', '.join(PHOTOS)} -> {root}; train split: "
+            f"{train.num_samples} images in {len(train.shards)} shards")
+
+
+# ---------------------------------------------------------------- backends
+
+
+class FolderLoader:
+    """The usual torchvision input pipeline behind the loader contract."""
+
+    def __init__(self, root: Path, aug: AugmentConfig, batch: int, workers: int, seed: int) -> None:
+        from torchvision import datasets
+        from torchvision.transforms import v2
+
+        crop = v2.RandomResizedCrop(aug.crop_size, scale=aug.scale, ratio=aug.ratio, antialias=True)
+        tf = v2.Compose([crop, v2.RandomHorizontalFlip(aug.hflip), v2.PILToTensor()])
+        self.dataset = datasets.ImageFolder(str(root), transform=tf)
+        self.batch, self.workers, self.seed = batch, workers, seed
+        self.batches_per_epoch = len(self.dataset) // batch
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        loader = DataLoader(self.dataset, self.batch, shuffle=True, num_workers=self.workers, drop_last=True,
+                            prefetch_factor=2 if self.workers else None,
+                            generator=torch.Generator().manual_seed(self.seed + epoch))
+        for images, labels in loader:
+            yield Batch(images, labels)
+
+
+class RawBatches(IterableDataset):
+    """Undecoded JPEG batches (bytes concatenated, lengths, labels); worker w reads shards w, w + n, ..."""
+
+    def __init__(self, shards: tuple[Shard, ...], batch: int, batches_per_epoch: int) -> None:
+        super().__init__()
+        self.shards, self.batch, self.batches_per_epoch = shards, batch, batches_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.shards[wid::n] or self.shards
+        samples = itertools.chain.from_iterable(read_shard(s) for s in itertools.cycle(mine))
+        for _ in range(quotas(self.batches_per_epoch, n)[wid]):
+            chunk = [next(samples) for _ in range(self.batch)]
+            blobs = [s[next(k for k in IMAGE_KEYS if k in s)] for s in chunk]
+            yield (torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8),
+                   torch.tensor([len(b) for b in blobs]), torch.tensor([int(s["cls"]) for s in chunk]))
+
+
+class TorchvisionGpuLoader:
+    """Workers read bytes; the main process decodes each batch with nvJPEG and crops on the GPU."""
+
+    def __init__(self, train: ShardSet, aug: AugmentConfig, batch: int, workers: int,
+                 batches_per_epoch: int) -> None:
+        if not torch.cuda.is_available():
+            raise Unavailable("no GPU")
+        self.dataset = RawBatches(train.shards, batch, batches_per_epoch)
+        self.transform, self.workers = train_transform(aug), workers
+        self.batches_per_epoch = batches_per_epoch
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        torch.manual_seed(epoch)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers, pin_memory=True,
+                            prefetch_factor=2 if self.workers else None)
+        for flat, lengths, labels in loader:
+            blobs = list(torch.split(flat, lengths.tolist()))
+            images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device="cuda")
+            crops = torch.stack([self.transform(im) for im in images])
+            yield Batch(crops, labels.cuda(non_blocking=True))
+
+
+def dali_loader(device: str, train: ShardSet, aug: AugmentConfig, batch: int, workers: int,
+                batches_per_epoch: int, seed: int):  # -> trainer.dali.DaliLoader
+    if device == "gpu" and not torch.cuda.is_available():
+        raise Unavailable("no GPU")
+    try:
+        from trainer.dali import DaliLoader, DaliOptions
+    except Exception as err:  # ImportError, or DALI itself failing to load its libraries
+        raise Unavailable(f"import trainer.dali: {type(err).__name__}: {err}") from err
+    # DALI's CPU threads stand in for the DataLoader workers: the same number of cores at work
+    options = DaliOptions(device=device, threads=max(1, workers),
+                          device_id=torch.cuda.current_device() if device == "gpu" else None)
+    try:
+        return DaliLoader(train, aug, batch, rank=0, world=1, batches_per_epoch=batches_per_epoch, seed=seed,
+                          options=options)
+    except Exception as err:
+        raise Unavailable(f"DaliLoader: {type(err).__name__}: {err}") from err
+
+
+class Ceiling:
+    """decode_jpeg + the training transform, one thread, bytes in memory, times the worker count."""
+
+    def __init__(self, train: ShardSet, aug: AugmentConfig, batch: int, count: int, workers: int) -> None:
+        samples = itertools.chain.from_iterable(read_shard(s) for s in itertools.cycle(train.shards))
+        self.blobs = [torch.frombuffer(bytearray(s[next(k for k in IMAGE_KEYS if k in s)]), dtype=torch.uint8)
+                      for s in itertools.islice(samples, count * batch)]
+        self.transform, self.batch, self.workers = train_transform(aug), batch, max(1, workers)
+
+    def run(self, epoch: int, skip: int) -> float:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a DataLoader worker
+        torch.manual_seed(epoch)
+        try:
+            start = time.perf_counter()
+            for b in range(len(self.blobs) // self.batch):
+                if b == skip:
+                    start = time.perf_counter()
+                chunk = self.blobs[b * self.batch:(b + 1) * self.batch]
+                torch.stack([self.transform(decode_jpeg(x, mode=ImageReadMode.RGB)) for x in chunk])
+            timed = len(self.blobs) - skip * self.batch
+            return self.workers * timed / (time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def batches(loader, first_epoch: int) -> Iterator[Batch]:
+    for epoch in itertools.count(first_epoch):
+        yield from loader.epoch(epoch)
+
+
+def time_loader(loader, epoch: int, skip: int, count: int, cuda: bool) -> float:
+    """Images/s over `count` batches of a fresh epoch iterator, after dropping its first `skip`."""
+    stream = batches(loader, epoch)
+    try:
+        for _ in range(skip):
+            next(stream)
+        if cuda:
+            torch.cuda.synchronize()
+        start, images = time.perf_counter(), 0
+        for _ in range(count):
+            images += len(next(stream).labels)
+        if cuda:
+            torch.cuda.synchronize()
+        return images / (time.perf_counter() - start)
+    finally:
+        stream.close()  # shuts the workers down, outside the timed span
+
+
+def make_bench(name: str, args: argparse.Namespace, root: Path, train: ShardSet) -> Bench:
+    """The backend's timed run; raises `Unavailable` with the reason when it cannot run here."""
+    aug = AugmentConfig(crop_size=args.crop)
+    per_epoch = steps_per_epoch(train.num_samples, args.batch, 1, 1)
+    skip, count = args.warmup_batches, args.batches
+    if name in GPU_BACKENDS and not torch.cuda.is_available():
+        raise Unavailable("not measured (no GPU)")
+    if name == "ceiling":
+        ceiling = Ceiling(train, aug, args.batch, skip + count, args.workers)
+        return Bench(name, lambda e: ceiling.run(e, skip), f"1 process, 1 thread, x{max(1, args.workers)}")
+    if name == "imagefolder":
+        loader = FolderLoader(root, aug, args.batch, args.workers, args.seed)
+    elif name == "webdataset":
+        stream = TrainStream(train, train_transform(aug), StreamConfig(args.batch, args.seed), rank=0,
+                             world=1, workers=args.workers, batches_per_epoch=per_epoch)
+        loader = ShardLoader(stream, args.workers)
+    elif name == "synthetic":
+        loader = SyntheticLoader(train.num_samples, train.num_classes, args.batch, args.crop, per_epoch,
+                                 args.seed, rank=0)
+    elif name == "torchvision-gpu":
+        loader = TorchvisionGpuLoader(train, aug, args.batch, args.workers, per_epoch)
+    else:
+        loader = dali_loader(name.split("-")[1], train, aug, args.batch, args.workers, per_epoch, args.seed)
+    cuda = name in GPU_BACKENDS
+    crosses = skip + count > loader.batches_per_epoch
+    note = "runs cross an epoch end (a worker restart is timed)" if crosses else ""
+    return Bench(name, lambda e: time_loader(loader, e, skip, count, cuda), note)
+
+
+def measure(benches: list[Bench], repeats: int) -> dict[str, list[float] | str]:
+    """Rates per backend; a backend that fails in its warm-up run is reported, not fatal."""
+    rates: dict[str, list[float] | str] = {}
+    for bench in benches:
+        try:
+            bench.run(0)  # warm-up: imports, page cache, first worker start, nvJPEG/DALI initialisation
+            rates[bench.name] = []
+        except Exception as err:
+            if bench.name not in OPTIONAL:
+                raise
+            rates[bench.name] = f"not available: {type(err).__name__}: {err}"
+    for r in range(repeats):
+        for bench in benches:
+            got = rates[bench.name]
+            if isinstance(got, list):
+                got.append(bench.run(r + 1))
+                print(f"  round {r + 1}/{repeats}  {bench.name:<16} {got[-1]:10.1f} img/s", file=sys.stderr)
+    return rates
+
+
+# ---------------------------------------------------------------- report
+
+
+def to_rows(args: argparse.Namespace, names: list[str], rates: dict[str, list[float] | str],
+            notes: dict[str, str]) -> list[Row]:
+    medians = {k: statistics.median(v) for k, v in rates.items() if isinstance(v, list) and v}
+    rows = []
+    for name in names:
+        got = rates.get(name)
+        med = medians.get(name)
+        note = got if isinstance(got, str) else notes.get(name, "")
+        ratios = [med / medians[ref] if med is not None and ref in medians else None
+                  for ref in ("imagefolder", "ceiling")]
+        low, high = (min(got), max(got)) if med is not None else (None, None)
+        rows.append(Row(name, args.batch, args.workers, args.crop, args.images, args.repeats, args.batches,
+                        med, low, high, *ratios, note))
+    return rows
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| backend | workers | batch | crop | images/s (median) | min-max | ratio to imagefolder "
+             "| ratio to ceiling | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        spread = "-" if r.min is None else f"{r.min:.1f}-{r.max:.1f}"
+        lines.append(f"| {r.backend} | {r.workers} | {r.batch} | {r.crop} | {fmt(r.images_per_s, '.1f')} "
+                     f"| {spread} | {fmt(r.ratio_to_imagefolder, '.3f')} | {fmt(r.ratio_to_ceiling, '.3f')} "
+                     f"| {r.note} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    ours = next((r for r in rows if r.backend == "webdataset"), None)
+    if ours is None:
+        return []
+    lines = []
+    for ref, target in TARGETS.items():
+        ratio = getattr(ours, f"ratio_to_{ref}")
+        if ratio is not None:
+            lines.append(f"webdataset / {ref} = {ratio:.3f} (target >= {target}: "
+                         f"{'met' if ratio >= target else 'not met'})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(f"machine: {machine()}")
+    cache = args.data.expanduser()
+    root = make_images(cache, args.images, args.seed)
+    train = shardset.load(make_shards(root, cache, args.shard_maxcount, args.seed), "train")
+    print(f"data: {describe(root, train)}")
+    print(f"runs: 1 warm-up + {args.repeats} timed per backend, interleaved; each run drops "
+          f"{args.warmup_batches} batches, then times {args.batches} x {args.batch} images; "
+          f"RandomResizedCrop({args.crop}, scale=(0.08, 1)) + hflip, uint8 CHW\n")
+    names = [b for b in BACKENDS if b in args.backends]
+    benches, rates, notes = [], {}, {}
+    for name in names:
+        try:
+            bench = make_bench(name, args, root, train)
+        except Unavailable as err:
+            rates[name] = str(err) if str(err).startswith("not measured") else f"not available: {err}"
+            continue
+        benches.append(bench)
+        notes[name] = bench.note
+    load_before = os.getloadavg()[0]
+    rates.update(measure(benches, args.repeats))
+    rows = to_rows(args, names, rates, notes)
+    print(markdown(rows))
+    for line in verdicts(rows):
+        print(line)
+    print(f"1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
