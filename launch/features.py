@@ -31,7 +31,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -170,8 +169,7 @@ def gather(rows: Rows, rank: int, world: int) -> Rows | None:
     """All ranks' rows on rank 0 (sorted by key); None elsewhere."""
     if world == 1:
         return rows
-    parts: list[dict] | None = [{} for _ in range(world)] if rank == 0 else None
-    dist.gather_object(vars(rows), parts, dst=0)  # plain dicts: no class of __main__ to unpickle
+    parts = distributed.gather_to_main(vars(rows))  # plain dicts: no class of __main__ to unpickle
     return Rows.join([Rows(**p) for p in parts]) if parts is not None else None
 
 

@@ -238,14 +238,6 @@ def predict_rows(stream: Iterable[data.Batch], members: list[Member], cfg: Predi
     return rows, bad
 
 
-def _gather(obj: object, rank: int, world: int) -> list:
-    if world == 1 or not distributed.initialized():
-        return [obj]
-    out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out or []
-
-
 def predict(cfg: PredictConfig, rank: int, world: int, device: torch.device) -> Result | None:
     """Every rank predicts its share; rank 0 gets the whole result (in input order), the others None."""
     members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
@@ -253,8 +245,8 @@ def predict(cfg: PredictConfig, rank: int, world: int, device: torch.device) -> 
     start = time.monotonic()
     rows, bad = predict_rows(stream, members, cfg)
     seconds = time.monotonic() - start
-    parts = _gather((rows, bad), rank, world)
-    if rank != 0:
+    parts = distributed.gather_to_main((rows, bad))
+    if parts is None:
         return None
     log.info("%d members, tta=%s, combine=%s: rank 0 predicted %d images in %.1f s", len(members), cfg.tta,
              cfg.combine, len(rows), seconds)

@@ -285,6 +285,16 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def gather_to_main(obj: object) -> list | None:
+    """Every rank's `obj` on rank 0 (in rank order), None on the others; `[obj]` without a group.
+    For small Python results (prediction rows, feature tables), not for tensors on a hot path."""
+    if not _initialized():
+        return [obj]
+    out: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def is_main() -> bool:
     """Rank 0, or the only process. Before init() every process counts as main."""
     return not _initialized() or dist.get_rank() == 0
