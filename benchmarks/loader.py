@@ -10,8 +10,9 @@ scale (0.08, 1)) + horizontal flip, the same batch size and the same number of D
   `trainer/loop.py` builds them (torchvision.io decode, seeded per-sample augmentation);
 - `dali-cpu`, `dali-gpu`: `trainer.dali.DaliLoader`; a row says `not available: <reason>` when DALI
   cannot be imported or the loader cannot be built;
-- `torchvision-gpu`: workers read raw JPEG bytes from the shards, the main process decodes a whole batch
-  with `torchvision.io.decode_jpeg(..., device="cuda")` and crops each image on the GPU;
+- `torchvision-gpu`: `trainer.gpu_decode.GpuDecodeLoader`: workers read JPEG bytes from the shards,
+  the main process decodes a whole batch with `torchvision.io.decode_jpeg(..., device="cuda")` and
+  crops each image on the GPU;
 - `synthetic`: `trainer.data.SyntheticLoader`, one random batch reused: the upper bound of the loop;
 - `ceiling`: `torchvision.io.decode_jpeg` + the same transform in this one process on one thread, from
   bytes already in memory, times `--workers`: what the workers could do with no overhead at all.
@@ -45,7 +46,6 @@ import io
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,15 +56,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # trainer.transforms also mutes torchvision's per-call decoder deprecation warning
+from common import fmt, machine, table  # noqa: E402
+
 from shards.build import build  # noqa: E402
 from shards.config import ImageFolderSource, ShardConfig, ShardSizeConfig  # noqa: E402
 from trainer import shardset  # noqa: E402
@@ -74,11 +75,11 @@ from trainer.data import (  # noqa: E402
     StreamConfig,
     SyntheticLoader,
     TrainStream,
-    quotas,
     read_shard,
     steps_per_epoch,
 )
-from trainer.shardset import Shard, ShardSet  # noqa: E402
+from trainer.gpu_decode import GpuDecodeLoader, RawStream  # noqa: E402
+from trainer.shardset import ShardSet  # noqa: E402
 from trainer.transforms import IMAGE_KEYS, AugmentConfig, train_transform  # noqa: E402
 
 BACKENDS = ("imagefolder", "webdataset", "dali-cpu", "dali-gpu", "torchvision-gpu", "synthetic", "ceiling")
@@ -148,29 +149,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.workers < 0 or args.warmup_batches < 0:
         p.error("--workers and --warmup-batches must be >= 0")
     return args
-
-
-# ---------------------------------------------------------------- machine
-
-
-def dali_version() -> str:
-    try:
-        from nvidia import dali
-    except ImportError:
-        return "not installed"
-    return dali.__version__
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {cores} usable cores ({os.cpu_count()} online), {gpu}, torch {torch.__version__}, "
-            f"torchvision {torchvision.__version__}, DALI {dali_version()}, "
-            f"Python {platform.python_version()}")
 
 
 # ---------------------------------------------------------------- data
@@ -267,49 +245,6 @@ class FolderLoader:
             yield Batch(images, labels)
 
 
-class RawBatches(IterableDataset):
-    """Undecoded JPEG batches (bytes concatenated, lengths, labels); worker w reads shards w, w + n, ..."""
-
-    def __init__(self, shards: tuple[Shard, ...], batch: int, batches_per_epoch: int) -> None:
-        super().__init__()
-        self.shards, self.batch, self.batches_per_epoch = shards, batch, batches_per_epoch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.shards[wid::n] or self.shards
-        samples = itertools.chain.from_iterable(read_shard(s) for s in itertools.cycle(mine))
-        for _ in range(quotas(self.batches_per_epoch, n)[wid]):
-            chunk = [next(samples) for _ in range(self.batch)]
-            blobs = [s[next(k for k in IMAGE_KEYS if k in s)] for s in chunk]
-            yield (torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8),
-                   torch.tensor([len(b) for b in blobs]), torch.tensor([int(s["cls"]) for s in chunk]))
-
-
-class TorchvisionGpuLoader:
-    """Workers read bytes; the main process decodes each batch with nvJPEG and crops on the GPU."""
-
-    def __init__(self, train: ShardSet, aug: AugmentConfig, batch: int, workers: int,
-                 batches_per_epoch: int) -> None:
-        if not torch.cuda.is_available():
-            raise Unavailable("no GPU")
-        self.dataset = RawBatches(train.shards, batch, batches_per_epoch)
-        self.transform, self.workers = train_transform(aug), workers
-        self.batches_per_epoch = batches_per_epoch
-
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        torch.manual_seed(epoch)
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers, pin_memory=True,
-                            prefetch_factor=2 if self.workers else None)
-        for flat, lengths, labels in loader:
-            blobs = list(torch.split(flat, lengths.tolist()))
-            images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device="cuda")
-            crops = torch.stack([self.transform(im) for im in images])
-            yield Batch(crops, labels.cuda(non_blocking=True))
-
-
 def dali_loader(device: str, train: ShardSet, aug: AugmentConfig, batch: int, workers: int,
                 batches_per_epoch: int, seed: int):  # -> trainer.dali.DaliLoader
     if device == "gpu" and not torch.cuda.is_available():
@@ -402,7 +337,9 @@ def make_bench(name: str, args: argparse.Namespace, root: Path, train: ShardSet)
         loader = SyntheticLoader(train.num_samples, train.num_classes, args.batch, args.crop, per_epoch,
                                  args.seed, rank=0)
     elif name == "torchvision-gpu":
-        loader = TorchvisionGpuLoader(train, aug, args.batch, args.workers, per_epoch)
+        stream = RawStream(train, train_transform(aug), StreamConfig(args.batch, args.seed), rank=0, world=1,
+                           workers=args.workers, batches_per_epoch=per_epoch)
+        loader = GpuDecodeLoader(stream, args.workers, "cuda", pin_memory=True)
     else:
         loader = dali_loader(name.split("-")[1], train, aug, args.batch, args.workers, per_epoch, args.seed)
     cuda = name in GPU_BACKENDS
@@ -450,20 +387,13 @@ def to_rows(args: argparse.Namespace, names: list[str], rates: dict[str, list[fl
     return rows
 
 
-def fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def markdown(rows: list[Row]) -> str:
-    lines = ["| backend | workers | batch | crop | images/s (median) | min-max | ratio to imagefolder "
-             "| ratio to ceiling | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        spread = "-" if r.min is None else f"{r.min:.1f}-{r.max:.1f}"
-        lines.append(f"| {r.backend} | {r.workers} | {r.batch} | {r.crop} | {fmt(r.images_per_s, '.1f')} "
-                     f"| {spread} | {fmt(r.ratio_to_imagefolder, '.3f')} | {fmt(r.ratio_to_ceiling, '.3f')} "
-                     f"| {r.note} |")
-    return "\n".join(lines)
+    columns = ("backend", "workers>", "batch>", "crop>", "images/s (median)>", "min-max>",
+               "ratio to imagefolder>", "ratio to ceiling>", "note")
+    return table(columns, [(r.backend, r.workers, r.batch, r.crop, fmt(r.images_per_s, ".1f"),
+                            "-" if r.min is None else f"{r.min:.1f}-{r.max:.1f}",
+                            fmt(r.ratio_to_imagefolder, ".3f"), fmt(r.ratio_to_ceiling, ".3f"), r.note)
+                           for r in rows])
 
 
 def verdicts(rows: list[Row]) -> list[str]:

@@ -11,6 +11,7 @@ the median and min-max of the remaining lines.
 - `--backend webdataset`: the same loop reading `--shards` (decode + RandomResizedCrop in
   `--workers` DataLoader processes), without validation.
 - `--backend dali-cpu` / `dali-gpu`: `loader.backend=dali` with `--workers` DALI threads.
+- `--backend torchvision-gpu`: `loader.backend=torchvision-gpu` (nvJPEG in the training process; GPU only).
 - Several backends (`both` = synthetic webdataset) run interleaved; the synthetic run gets the shards'
   class count and sample count, so runs differ only in where batches come from, and the table adds each
   backend's ratio to synthetic: the fraction of the model's speed that the data path delivers.
@@ -34,10 +35,8 @@ CPU check and the data-loading comparison on the demo shards (what docs/BENCHMAR
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -48,7 +47,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BACKENDS = ("synthetic", "webdataset", "dali-cpu", "dali-gpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt, machine, table  # noqa: E402
+
+BACKENDS = ("synthetic", "webdataset", "dali-cpu", "dali-gpu", "torchvision-gpu")
 
 
 @dataclass(frozen=True)
@@ -95,19 +97,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {cores} usable cores, {gpu}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
-
-
 def shard_counts(shards: Path) -> tuple[int, int]:
     """(train samples, classes) from the manifest written by shards.build."""
     info = json.loads((shards / "_info.json").read_text())
@@ -134,6 +123,8 @@ def command(args: argparse.Namespace, backend: str, run_dir: Path, samples: int 
     if backend.startswith("dali"):  # DALI threads stand in for DataLoader workers
         cmd += ["loader.backend=dali", f"loader.dali.device={backend.split('-')[1]}",
                 f"loader.dali.threads={max(1, args.workers)}"]
+    if backend == "torchvision-gpu":
+        cmd += ["loader.backend=torchvision-gpu"]
     return cmd + list(args.overrides)
 
 
@@ -162,15 +153,12 @@ def to_row(args: argparse.Namespace, backend: str, ranks: int, used: list[dict],
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| backend | model | crop | batch | precision | device | ranks | lines used | images/s (median) "
-             "| min-max | per rank | data_wait (median) | ratio to synthetic |",
-             "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = "-" if r.ratio_to_synthetic is None else f"{r.ratio_to_synthetic:.3f}"
-        lines.append(f"| {r.backend} | {r.model} | {r.crop} | {r.batch} | {r.precision} | {r.device} "
-                     f"| {r.ranks} | {r.lines_used} | {r.images_per_s:.1f} | {r.min:.1f}-{r.max:.1f} "
-                     f"| {r.images_per_s_per_rank:.1f} | {100 * r.data_wait:.1f}% | {ratio} |")
-    return "\n".join(lines)
+    columns = ("backend", "model", "crop>", "batch>", "precision", "device", "ranks>", "lines used>",
+               "images/s (median)>", "min-max>", "per rank>", "data_wait (median)>", "ratio to synthetic>")
+    return table(columns, [(r.backend, r.model, r.crop, r.batch, r.precision, r.device, r.ranks,
+                            r.lines_used, f"{r.images_per_s:.1f}", f"{r.min:.1f}-{r.max:.1f}",
+                            f"{r.images_per_s_per_rank:.1f}", f"{100 * r.data_wait:.1f}%",
+                            fmt(r.ratio_to_synthetic, ".3f")) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> None:

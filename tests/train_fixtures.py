@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import encode_png
 
 CLASSES = ("ant", "bee", "cat")
@@ -22,6 +23,24 @@ def png(label: int, seed: int, size: int = 16) -> bytes:
     image = rng.integers(0, 96, (3, size, size), dtype=np.uint8)
     image[label] += 120  # one channel brighter per class
     return encode_png(torch.from_numpy(image)).numpy().tobytes()
+
+
+def jpeg(label: int, seed: int, size: int = 16, cmyk: bool = False) -> bytes:
+    """The `png` image as a JPEG (quality 95 keeps the brightest channel); `cmyk`: a CMYK JPEG."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 96, (size, size, 3), dtype=np.uint8)
+    image[..., label] += 120
+    im = Image.fromarray(image)
+    out = io.BytesIO()
+    (im.convert("CMYK") if cmyk else im).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def image_member(fmt: str, label: int, serial: int, size: int) -> tuple[str, bytes]:
+    """`fmt` png | jpg | mixed: mostly JPEG, every 4th sample PNG and every 7th a CMYK JPEG."""
+    if fmt == "png" or (fmt == "mixed" and serial % 4 == 0):
+        return "png", png(label, serial, size)
+    return "jpg", jpeg(label, serial, size, cmyk=fmt == "mixed" and serial % 7 == 0)
 
 
 def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
@@ -42,10 +61,12 @@ def sample_features(serial: int, names: tuple[str, ...]) -> dict[str, float | No
 
 
 def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | None = None,
-                   image_size: int = 16, features: tuple[str, ...] | None = None) -> Path:
+                   image_size: int = 16, features: tuple[str, ...] | None = None,
+                   image_format: str = "png") -> Path:
     """Shards `{split}-{i:06d}.tar` with the given sample counts and an `_info.json` like shards.build's.
 
-    `corrupt[(split, shard)]` lists sample positions whose PNG bytes are cut in half. `features` (names)
+    `corrupt[(split, shard)]` lists sample positions whose image bytes are cut in half. `image_format`:
+    see `image_member`. `features` (names)
     adds a `.json` member per sample as shards.build writes it (class, path, image, features) and lists
     the names in `_info.json`; without it samples have no `.json`.
     """
@@ -58,13 +79,13 @@ def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | N
             samples = []
             for j in range(count):
                 label = serial % len(CLASSES)
-                data = png(label, serial, image_size)
+                ext, data = image_member(image_format, label, serial, image_size)
                 if j in corrupt.get((split, i), []):
                     data = data[: len(data) // 2]
                 key = f"{split}{i}_{j:04d}-{serial:06d}"
-                members = {"png": data, "cls": str(label).encode()}
+                members = {ext: data, "cls": str(label).encode()}
                 if features is not None:
-                    meta = {"class": CLASSES[label], "path": f"{CLASSES[label]}/{key}.png", "image": "png",
+                    meta = {"class": CLASSES[label], "path": f"{CLASSES[label]}/{key}.{ext}", "image": ext,
                             "features": sample_features(serial, features)}
                     members["json"] = json.dumps(meta, sort_keys=True).encode()
                 samples.append((key, members))

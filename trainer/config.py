@@ -13,6 +13,8 @@ from hydra.core.config_store import ConfigStore
 
 from shards.config import ConfigError
 
+BACKENDS = ("webdataset", "dali", "torchvision-gpu", "synthetic")  # loader.backend
+
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
@@ -79,7 +81,8 @@ class DaliConfig:
 
 @dataclass
 class LoaderConfig:
-    backend: str = "webdataset"  # webdataset | dali (trainer/dali.py) | synthetic (no I/O: the ceiling)
+    # webdataset | dali (trainer/dali.py) | torchvision-gpu (trainer/gpu_decode.py) | synthetic (no I/O)
+    backend: str = "webdataset"
     batch_size: int = 64    # per rank and per micro-step; global batch = this x world x accum_steps
     workers: int = 4        # DataLoader processes per rank; 0 reads in the training process
     prefetch: int = 2       # batches queued per worker (DALI: per pipeline)
@@ -87,7 +90,7 @@ class LoaderConfig:
     dali: DaliConfig = field(default_factory=DaliConfig)
 
     def __post_init__(self) -> None:
-        _one_of(self.backend, "loader.backend", ("webdataset", "dali", "synthetic"))
+        _one_of(self.backend, "loader.backend", BACKENDS)
         _check(self.batch_size > 0, "loader.batch_size", "must be > 0")
         _check(self.workers >= 0, "loader.workers", "must be >= 0")
         _check(self.prefetch >= 1, "loader.prefetch", "must be >= 1")

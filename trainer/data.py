@@ -273,29 +273,43 @@ class TrainStream(IterableDataset):
             next(stream)
         counter = BadCounter([self.shards[i] for i in self.slots[logical]], self.cfg.max_bad_fraction)
         position = skip
-        images: list[Tensor] = []
+        items: list = []
         labels: list[int] = []
         bad: list[BadRecord] = []
         for _ in range(remaining):
-            while len(images) < self.cfg.batch_size:
+            while len(items) < self.cfg.batch_size:
                 sample = next(stream)
                 position += 1
                 try:
-                    image, label = decode(sample, self.num_classes)
-                    with torch.random.fork_rng(devices=[]):  # never disturb the caller's RNG
-                        seed = sample_seed(self.cfg.seed, self.epoch, self.rank, logical, position)
-                        # the CPU generator only (what the transforms draw from): torch.manual_seed also
-                        # queues a lazy CUDA seed on CUDA builds, 11% of a worker's time per image
-                        torch.default_generator.manual_seed(seed)
-                        images.append(self.transform(image))
+                    seed = sample_seed(self.cfg.seed, self.epoch, self.rank, logical, position)
+                    item, label = self._prepare(sample, seed)
+                    items.append(item)
                     labels.append(label)
                 except BadSample as err:
                     record = BadRecord(sample["__shard__"], sample.get("__key__", "?"), str(err))
                     bad.append(record)
                     counter.add(record)
-            yield Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), tuple(bad),
-                        logical, position)
-            images, labels, bad = [], [], []
+            labels_t = torch.tensor(labels, dtype=torch.int64)
+            yield self._assemble(items, labels_t, tuple(bad), logical, position)
+            items, labels, bad = [], [], []
+
+    def _prepare(self, sample: dict, seed: int) -> tuple[Tensor, int]:
+        """One sample's (augmented uint8 image, label); `BadSample` when it cannot be used."""
+        image, label = decode(sample, self.num_classes)
+        return seeded(self.transform, image, seed), label
+
+    def _assemble(self, items: list, labels: Tensor, bad: tuple[BadRecord, ...], logical: int,
+                  position: int) -> Batch:
+        return Batch(torch.stack(items), labels, bad, logical, position)
+
+
+def seeded(transform: Callable[[Tensor], Tensor], image: Tensor, seed: int) -> Tensor:
+    """`transform(image)` with its random draws seeded by `seed`, leaving the caller's RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        # the CPU generator only (what the transforms draw from, whatever the image's device):
+        # torch.manual_seed also queues a lazy CUDA seed on CUDA builds, 11% of a worker's time per image
+        torch.default_generator.manual_seed(seed)
+        return transform(image)
 
 
 # ---------------------------------------------------------------- evaluation stream

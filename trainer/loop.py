@@ -33,6 +33,7 @@ from trainer import checkpoint, data, distributed, model, optim, provenance, rng
 from trainer.config import TrainConfig
 from trainer.data import Batch, DataError, EpochPosition, StreamConfig
 from trainer.distributed import DistEnv
+from trainer.gpu_decode import GpuDecodeLoader, RawStream
 from trainer.metrics import MetricState
 from trainer.preempt import EXIT_PREEMPTED, Status, StopFlag, agree
 from trainer.tracker import Tracker
@@ -112,9 +113,22 @@ class Trainer:
         if cfg.loader.backend == "dali":
             self.loader = self._dali_loader(train_set, batch, self.steps_per_epoch * accum)
             return
+        if cfg.loader.backend == "torchvision-gpu":
+            self.loader = self._gpu_decode_loader(train_set, stream_cfg, self.steps_per_epoch * accum)
+            return
         stream = data.TrainStream(train_set, train_transform(self.aug), stream_cfg, env.rank,
                                   env.world_size, cfg.loader.workers, self.steps_per_epoch * accum)
         self.loader = data.ShardLoader(stream, cfg.loader.workers, self._pin(), cfg.loader.prefetch)
+
+    def _gpu_decode_loader(self, train_set: shardset.ShardSet, stream_cfg: StreamConfig,
+                           batches: int) -> GpuDecodeLoader:
+        if self.device.type != "cuda":
+            raise ConfigError("loader.backend=torchvision-gpu decodes with nvJPEG and needs a CUDA device; "
+                              "on a CPU use loader.backend=webdataset")
+        loader = self.cfg.loader
+        stream = RawStream(train_set, train_transform(self.aug), stream_cfg, self.env.rank,
+                           self.env.world_size, loader.workers, batches)
+        return GpuDecodeLoader(stream, loader.workers, self.device, self._pin(), loader.prefetch)
 
     def _dali_loader(self, train_set: shardset.ShardSet, batch: int, batches: int) -> DaliLoader:
         from trainer import dali  # optional: imported only when chosen
