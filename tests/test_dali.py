@@ -104,7 +104,7 @@ def test_training_with_dali_runs_resumes_and_refuses_what_it_cannot_do(shards, t
 
 @isolated
 def test_missing_index_files_and_a_missing_dali_install_are_named(shards, tmp_path, monkeypatch):
-    bare = write_shardset(tmp_path / "bare", {"train": [8, 8]})
+    bare = write_shardset(tmp_path / "bare", {"train": [8, 8]}, index=False)
     with pytest.raises(DataError, match="index file"):
         DaliLoader(shardset.load(bare, "train"), AUG, 4, 0, 1, 2, 0, DaliOptions())
     monkeypatch.setattr("trainer.dali.available", lambda: False)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_build
 from train_fixtures import write_shardset
 
+from shards.config import ImageFolderSource, ShardSizeConfig
 from trainer import data, shardset
 from trainer.data import DataError, EpochPosition, StreamConfig
 from trainer.transforms import AugmentConfig, eval_transform, train_transform
@@ -144,8 +146,11 @@ def test_too_many_corrupt_samples_stop_with_the_shard_named(tmp_path):
         list(train_loader(root, 0, 1, 0, max_bad=0.1).epoch(0))
 
 
-def test_truncated_shard_is_named(tmp_path):
+@pytest.mark.parametrize("index", [True, False])
+def test_truncated_shard_is_named(tmp_path, index):
     root = write_shardset(tmp_path / "s", {"train": [20, 20]})
+    if not index:  # the tar is scanned instead of read at the index's offsets
+        (root / "train-000001.idx").unlink()
     shard = root / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
     problems = shardset.check(shardset.load(root, "train").shards, "size")
@@ -153,6 +158,31 @@ def test_truncated_shard_is_named(tmp_path):
     with pytest.raises(DataError, match="train-000001.tar"):
         for _ in range(5):  # reading it (check off) fails naming the shard, not silently short
             list(train_loader(root, 0, 1, 0, batch=2).epoch(0))
+
+
+def test_indexed_reading_gives_the_scanned_samples_and_names_a_stale_index(tmp_path, image_folder):
+    built = tmp_path / "built"  # shards.build's own index files, and the fixtures'
+    run_build(built, ImageFolderSource(root=str(image_folder)), shard=ShardSizeConfig(maxcount=4))
+    fixture = write_shardset(tmp_path / "s", {"train": [20, 7]}, features=("area",))
+    for root in (built, fixture):
+        for shard in shardset.load(root, "train").shards:
+            indexed = list(data.read_shard(shard))
+            index = shard.path.with_suffix(".idx")
+            text = index.read_text()
+            index.unlink()
+            assert indexed == list(data.read_shard(shard))  # keys, every member's bytes, url, shard
+            index.write_text(text)
+    shard = shardset.load(fixture, "train").shards[0]
+    index = fixture / "train-000000.idx"
+    lines = index.read_text().splitlines()
+    ext, offset, rest = lines[2].split(" ", 2)
+    index.write_text("\n".join([*lines[:2], f"{ext} {int(offset) + 512} {rest}", *lines[3:]]) + "\n")
+    with pytest.raises(DataError, match=r"train-000000.tar: no member .*idx, line 3\).*stale index"):
+        list(data.read_shard(shard))
+    for bad in ("png 512", "png x 3 a.png"):
+        index.write_text(f"v1.2 1\n{bad}\n")
+        with pytest.raises(DataError, match="train-000000.idx:2: expected groups of 'ext offset size name'"):
+            list(data.read_shard(shard))
 
 
 def test_checksum_check_names_a_flipped_byte(tmp_path):

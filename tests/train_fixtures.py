@@ -43,13 +43,24 @@ def image_member(fmt: str, label: int, serial: int, size: int) -> tuple[str, byt
     return "jpg", jpeg(label, serial, size, cmyk=fmt == "mixed" and serial % 7 == 0)
 
 
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], index: bool = True) -> None:
+    """A ustar shard and, with `index`, its DALI v1.2 index as shards.build writes it (offsets read back
+    from the tar with `tarfile`, independently of the writer's own arithmetic)."""
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, members in samples:
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime = len(data), 946684800
                 tar.addfile(info, io.BytesIO(data))
+    if not index:
+        return
+    lines: dict[str, list[str]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            lines.setdefault(key, []).append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    text = "".join(" ".join(members) + "\n" for members in lines.values())
+    path.with_suffix(".idx").write_text(f"v1.2 {len(lines)}\n{text}")
 
 
 Corrupt = dict[tuple[str, int], list[int]]
@@ -62,11 +73,11 @@ def sample_features(serial: int, names: tuple[str, ...]) -> dict[str, float | No
 
 def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | None = None,
                    image_size: int = 16, features: tuple[str, ...] | None = None,
-                   image_format: str = "png") -> Path:
+                   image_format: str = "png", index: bool = True) -> Path:
     """Shards `{split}-{i:06d}.tar` with the given sample counts and an `_info.json` like shards.build's.
 
     `corrupt[(split, shard)]` lists sample positions whose image bytes are cut in half. `image_format`:
-    see `image_member`. `features` (names)
+    see `image_member`. `index=False` leaves out the `.idx` files. `features` (names)
     adds a `.json` member per sample as shards.build writes it (class, path, image, features) and lists
     the names in `_info.json`; without it samples have no `.json`.
     """
@@ -91,7 +102,7 @@ def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | N
                 samples.append((key, members))
                 serial += 1
             name = f"{split}-{i:06d}.tar"
-            write_shard(root / name, samples)
+            write_shard(root / name, samples, index)
             blob = (root / name).read_bytes()
             entries.append({"filename": name, "num_samples": count, "bytes": len(blob),
                             "sha256": hashlib.sha256(blob).hexdigest()})
