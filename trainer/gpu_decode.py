@@ -2,8 +2,9 @@
 
 For clusters without DALI. DataLoader workers do what is cheap on a CPU (read the shards, shuffle,
 parse labels, read each JPEG's header) and the training process decodes a whole batch at once with
-nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`) and augments each image on the GPU. Kernel
-launches are asynchronous, so decoding batch n+1 overlaps the GPU's work on step n.
+nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`) and augments each image on the GPU. The
+loop fetches the next batch before its per-step stop agreement waits for the GPU, so decoding batch
+n+1 can overlap step n's kernels (not yet measured on a GPU).
 
 Same contract and same semantics as the `webdataset` backend, because it reuses its stream: the same
 shard deal, shuffle, steps per rank, resume position, bootstrap and `data.fraction` subsets, and the
