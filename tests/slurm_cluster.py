@@ -123,6 +123,9 @@ def wait_job(job_id: int, timeout: float = QUEUE_S, states: frozenset[str] = TER
         time.sleep(0.25)
 
 
+REVOKE_MARGIN_S = 2.0  # seconds a requeued job pends before its forced restart: see requeue_now
+
+
 def requeue(job_id: int, timeout: float = QUEUE_S) -> dict[str, str]:
     """`scontrol requeue` a running job, then requeue_now: returns its info once it runs again."""
     restarts = int(job_info(job_id).get("Restarts", "0"))
@@ -132,8 +135,14 @@ def requeue(job_id: int, timeout: float = QUEUE_S) -> dict[str, str]:
 
 def requeue_now(job_id: int, restarts: int = 1, timeout: float = QUEUE_S) -> dict[str, str]:
     """Once the job has been requeued (Restarts >= `restarts`, by `scontrol requeue` or by the job itself),
-    skip the BeginTime wait (StartTime=now) while it pends; return its info once it runs again or ended."""
+    skip the BeginTime wait (StartTime=now) while it pends; return its info once it runs again or ended.
+
+    Not at once: slurmd refuses a batch credential created in the same second as the one it revoked
+    when it killed the old run ("Job credential revoked", the job ends FAILED), which a start within
+    the requeue's second hit on this machine. The job pends again only once the old run is gone, so
+    a start `REVOKE_MARGIN_S` after it is first seen pending gets a strictly later credential."""
     deadline = time.monotonic() + timeout
+    pending_since: float | None = None
     while True:
         info = job_info(job_id)
         state = info.get("JobState", "")
@@ -141,7 +150,9 @@ def requeue_now(job_id: int, restarts: int = 1, timeout: float = QUEUE_S) -> dic
             if state == "RUNNING" or state in TERMINAL:
                 return info
             if state == "PENDING":
-                slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+                pending_since = pending_since or time.monotonic()
+                if time.monotonic() - pending_since >= REVOKE_MARGIN_S:
+                    slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
         if time.monotonic() > deadline:
             slurm("scancel", str(job_id), check=False)
             pytest.fail(f"job {job_id} not run again (Restarts>={restarts}) in {timeout:.0f}s: {info}\n"
