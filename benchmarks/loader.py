@@ -15,7 +15,11 @@ scale (0.08, 1)) + horizontal flip, the same batch size and the same number of D
   crops each image on the GPU;
 - `synthetic`: `trainer.data.SyntheticLoader`, one random batch reused: the upper bound of the loop;
 - `ceiling`: `torchvision.io.decode_jpeg` + the same transform in this one process on one thread, from
-  bytes already in memory, times `--workers`: what the workers could do with no overhead at all.
+  bytes already in memory, times `--workers`: what the workers could do with no overhead at all (the
+  issue's definition, and the reference of the `ratio to ceiling` column);
+- `ceiling-parallel`: the same loop in `--workers` forked processes started together, images over the
+  span from the first start to the last end: what this machine's cores deliver at once. Against it, a
+  backend's ratio is its own overhead with the machine's multi-core scaling taken out.
 
 GPU rows are measured only where `torch.cuda.is_available()`. Every backend gets one untimed warm-up
 run first; then `--repeats` rounds interleave the backends (drifting load hits all alike). A run starts
@@ -45,7 +49,9 @@ import contextlib
 import io
 import itertools
 import json
+import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -82,7 +88,8 @@ from trainer.gpu_decode import GpuDecodeLoader, RawStream  # noqa: E402
 from trainer.shardset import ShardSet  # noqa: E402
 from trainer.transforms import IMAGE_KEYS, AugmentConfig, train_transform  # noqa: E402
 
-BACKENDS = ("imagefolder", "webdataset", "dali-cpu", "dali-gpu", "torchvision-gpu", "synthetic", "ceiling")
+BACKENDS = ("imagefolder", "webdataset", "dali-cpu", "dali-gpu", "torchvision-gpu", "synthetic", "ceiling",
+            "ceiling-parallel")
 GPU_BACKENDS = ("dali-gpu", "torchvision-gpu")
 OPTIONAL = ("dali-cpu", *GPU_BACKENDS)  # a failure in these is a row, not a crash
 TARGETS = {"imagefolder": 1.3, "ceiling": 0.85}  # issue "Fast data paths": webdataset / these
@@ -273,11 +280,42 @@ class Ceiling:
         self.transform, self.batch, self.workers = train_transform(aug), batch, max(1, workers)
 
     def run(self, epoch: int, skip: int) -> float:
+        start, end, images = self.span(epoch, skip)
+        return self.workers * images / (end - start)
+
+    def run_parallel(self, epoch: int, skip: int) -> float:
+        """`span` in `workers` processes at once; images / (last end - first start)."""
+        ctx = mp.get_context("fork")  # the children inherit the blobs; nothing is pickled
+        barrier, spans = ctx.Barrier(self.workers), ctx.Queue()
+
+        def one(seed: int) -> None:
+            barrier.wait()  # all start together, after their fork
+            spans.put(self.span(seed, skip))
+
+        procs = [ctx.Process(target=one, args=(epoch * self.workers + i,)) for i in range(self.workers)]
+        for proc in procs:
+            proc.start()
+        got: list[tuple[float, float, int]] = []
+        try:
+            while len(got) < len(procs):
+                with contextlib.suppress(queue.Empty):
+                    got.append(spans.get(timeout=1))
+                    continue
+                if failed := [p.exitcode for p in procs if p.exitcode not in (None, 0)]:
+                    raise RuntimeError(f"a ceiling-parallel process exited with {failed[0]}")
+        finally:
+            for proc in procs:
+                proc.join(timeout=60)
+        # perf_counter is CLOCK_MONOTONIC on Linux: one clock for all processes
+        return sum(n for _, _, n in got) / (max(e for _, e, _ in got) - min(s for s, _, _ in got))
+
+    def span(self, seed: int, skip: int) -> tuple[float, float, int]:
+        """(start, end, images) of one thread's loop over the blobs, the first `skip` batches untimed."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in a DataLoader worker
-        torch.manual_seed(epoch)
+        torch.manual_seed(seed)
         try:
             start = time.perf_counter()
             for b in range(len(self.blobs) // self.batch):
@@ -285,8 +323,7 @@ class Ceiling:
                     start = time.perf_counter()
                 chunk = self.blobs[b * self.batch:(b + 1) * self.batch]
                 torch.stack([self.transform(decode_jpeg(x, mode=ImageReadMode.RGB)) for x in chunk])
-            timed = len(self.blobs) - skip * self.batch
-            return self.workers * timed / (time.perf_counter() - start)
+            return start, time.perf_counter(), len(self.blobs) - skip * self.batch
         finally:
             torch.set_num_threads(threads)
 
@@ -327,6 +364,10 @@ def make_bench(name: str, args: argparse.Namespace, root: Path, train: ShardSet)
     if name == "ceiling":
         ceiling = Ceiling(train, aug, args.batch, skip + count, args.workers)
         return Bench(name, lambda e: ceiling.run(e, skip), f"1 process, 1 thread, x{max(1, args.workers)}")
+    if name == "ceiling-parallel":
+        ceiling = Ceiling(train, aug, args.batch, skip + count, args.workers)
+        return Bench(name, lambda e: ceiling.run_parallel(e, skip),
+                     f"{max(1, args.workers)} processes at once, 1 thread each")
     if name == "imagefolder":
         loader = FolderLoader(root, aug, args.batch, args.workers, args.seed)
     elif name == "webdataset":
@@ -406,6 +447,13 @@ def verdicts(rows: list[Row]) -> list[str]:
         if ratio is not None:
             lines.append(f"webdataset / {ref} = {ratio:.3f} (target >= {target}: "
                          f"{'met' if ratio >= target else 'not met'})")
+    medians = {r.backend: r.images_per_s for r in rows if r.images_per_s is not None}
+    if ours.images_per_s is not None and "ceiling-parallel" in medians:
+        lines.append(f"webdataset / ceiling-parallel = {ours.images_per_s / medians['ceiling-parallel']:.3f} "
+                     "(the loader's own overhead, without the machine's multi-core scaling)")
+    if "ceiling" in medians and "ceiling-parallel" in medians:
+        lines.append(f"ceiling-parallel / ceiling = {medians['ceiling-parallel'] / medians['ceiling']:.3f} "
+                     "(how the cores scale together here)")
     return lines
 
 

@@ -113,22 +113,17 @@ class Trainer:
         if cfg.loader.backend == "dali":
             self.loader = self._dali_loader(train_set, batch, self.steps_per_epoch * accum)
             return
-        if cfg.loader.backend == "torchvision-gpu":
-            self.loader = self._gpu_decode_loader(train_set, stream_cfg, self.steps_per_epoch * accum)
-            return
-        stream = data.TrainStream(train_set, train_transform(self.aug), stream_cfg, env.rank,
-                                  env.world_size, cfg.loader.workers, self.steps_per_epoch * accum)
-        self.loader = data.ShardLoader(stream, cfg.loader.workers, self._pin(), cfg.loader.prefetch)
-
-    def _gpu_decode_loader(self, train_set: shardset.ShardSet, stream_cfg: StreamConfig,
-                           batches: int) -> GpuDecodeLoader:
-        if self.device.type != "cuda":
+        gpu_decode = cfg.loader.backend == "torchvision-gpu"
+        if gpu_decode and self.device.type != "cuda":
             raise ConfigError("loader.backend=torchvision-gpu decodes with nvJPEG and needs a CUDA device; "
                               "on a CPU use loader.backend=webdataset")
-        loader = self.cfg.loader
-        stream = RawStream(train_set, train_transform(self.aug), stream_cfg, self.env.rank,
-                           self.env.world_size, loader.workers, batches)
-        return GpuDecodeLoader(stream, loader.workers, self.device, self._pin(), loader.prefetch)
+        # one stream for both: RawStream only leaves the JPEGs encoded for the GPU to decode
+        stream = (RawStream if gpu_decode else data.TrainStream)(
+            train_set, train_transform(self.aug), stream_cfg, env.rank, env.world_size, cfg.loader.workers,
+            self.steps_per_epoch * accum)
+        workers, pin, prefetch = cfg.loader.workers, self._pin(), cfg.loader.prefetch
+        self.loader = (GpuDecodeLoader(stream, workers, self.device, pin, prefetch) if gpu_decode
+                       else data.ShardLoader(stream, workers, pin, prefetch))
 
     def _dali_loader(self, train_set: shardset.ShardSet, batch: int, batches: int) -> DaliLoader:
         from trainer import dali  # optional: imported only when chosen
