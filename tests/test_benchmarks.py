@@ -56,3 +56,18 @@ def test_worker_profile_accounts_for_the_worker_time(data: Path) -> None:
     parts = cells["prepare (us)"] + cells["assemble (us)"] + cells["rest (us)"]
     assert parts == pytest.approx(cells["busy (us)"], abs=2)
     assert cells["prepare (us)"] > 0 and 0 < cells["overhead"] < 1
+
+
+def test_decode_paths_rows(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    stdout = run("decode_paths.py", "--source-images", "40", "--shard-maxcount", "10", "--data", str(data),
+                 "--images", "6", "--repeats", "2", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["backend"], r["step"]) for r in rows] == [
+        ("torchvision.io", "decode"), ("PIL", "decode"), ("torchvision.io", "decode+augment"),
+        ("PIL", "decode+augment")]
+    for r in rows:
+        assert r["images"] == 6 and r["min"] <= r["us_per_image"] <= r["max"]
+        assert r["images_per_s"] == pytest.approx(1e6 / r["us_per_image"])
+    assert [r["speed_vs_torchvision"] for r in rows if r["backend"] == "torchvision.io"] == [1.0, 1.0]
+    assert "| PIL | decode+augment |" in stdout
