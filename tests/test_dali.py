@@ -2,7 +2,9 @@
 
 Each CPU test runs in a child pytest process (`isolated`): with DALI loaded into the suite's process,
 a later in-process bf16 training (test_train's optional paths, after test_ensemble) produced NaN
-losses from its second step; in a process of their own both pass. The cause is not found yet.
+losses from its second step; in a process of their own both pass. The cause is not found yet, and
+DALI alone is not it: one process that runs a DALI CPU epoch and then that bf16 training logs the
+same losses, bit for bit, as one without DALI (checked 2026-11-22; nor does DALI set flush-to-zero).
 """
 from __future__ import annotations
 
