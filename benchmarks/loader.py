@@ -292,7 +292,8 @@ class Ceiling:
             barrier.wait()  # all start together, after their fork
             spans.put(self.span(seed, skip))
 
-        procs = [ctx.Process(target=one, args=(epoch * self.workers + i,)) for i in range(self.workers)]
+        procs = [ctx.Process(target=one, args=(epoch * self.workers + i,), daemon=True)
+                 for i in range(self.workers)]
         for proc in procs:
             proc.start()
         got: list[tuple[float, float, int]] = []
@@ -306,6 +307,8 @@ class Ceiling:
         finally:
             for proc in procs:
                 proc.join(timeout=60)
+                if proc.is_alive():  # e.g. left at the barrier by a sibling that died
+                    proc.terminate()
         # perf_counter is CLOCK_MONOTONIC on Linux: one clock for all processes
         return sum(n for _, _, n in got) / (max(e for _, e, _ in got) - min(s for s, _, _ in got))
 
