@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from shards import config
 from shards.config import VerifyConfig
 from shards.manifest import INFO
-from shards.writer import sha256_file
+from shards.writer import read_index, sha256_file
 
 
 def _tar_members(path: Path, decode: bool, num_classes: int) -> tuple[list[tuple[str, int, int]], list[str]]:
@@ -43,18 +43,6 @@ def _tar_members(path: Path, decode: bool, num_classes: int) -> tuple[list[tuple
                 except Exception as e:  # noqa: BLE001 - any decoder failure is a finding
                     problems.append(f"{path.name}: {m.name} does not decode: {e}")
     return members, problems
-
-
-def _index_entries(path: Path) -> tuple[int, list[tuple[str, int, int]]]:
-    lines = path.read_text().splitlines()
-    version, count = lines[0].split()
-    if version != "v1.2":
-        raise ValueError(f"unknown index version {version!r}")
-    entries = []
-    for line in lines[1:]:
-        fields = line.split()
-        entries += [(fields[i + 3], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)]
-    return int(count), entries
 
 
 def verify_shard(root: Path, entry: dict, decode: bool, num_classes: int) -> list[str]:
@@ -84,12 +72,13 @@ def _check_index(path: Path, members: list[tuple[str, int, int]], num_keys: int)
     if not path.exists():
         return [f"{path.name}: index file missing"]
     try:
-        count, entries = _index_entries(path)
-    except (ValueError, IndexError) as e:
+        count, samples = read_index(path)
+    except ValueError as e:
         return [f"{path.name}: malformed index: {e}"]
     problems = []
     if count != num_keys:
         problems.append(f"{path.name}: index lists {count} samples, the tar holds {num_keys}")
+    entries = [(m.name, m.offset, m.size) for sample in samples for m in sample]
     if sorted(entries) != sorted(members):
         problems.append(f"{path.name}: index offsets or sizes disagree with the tar")
     return problems

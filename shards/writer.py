@@ -14,6 +14,7 @@ import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from shards.images import BadImage, prepare
 from shards.plan import ShardPlan
@@ -53,6 +54,36 @@ class ShardResult:
 
 def index_name(shard_name: str) -> str:
     return shard_name[: -len(".tar")] + ".idx"
+
+
+def index_path(shard: Path) -> Path:
+    return shard.with_name(index_name(shard.name))
+
+
+class IndexEntry(NamedTuple):
+    """One member in a DALI v1.2 index line ("ext offset size name" per member, a line per sample)."""
+
+    ext: str
+    offset: int  # of the member's data, after its 512-byte tar header
+    size: int
+    name: str
+
+
+def read_index(path: Path) -> tuple[int, list[list[IndexEntry]]]:
+    """(the sample count of line 1, each sample line's members); `ValueError` names the file and line."""
+    lines = path.read_text().splitlines()
+    head = lines[0] if lines else ""
+    version, _, count = head.partition(" ")
+    if version != "v1.2" or not count.isdigit():
+        raise ValueError(f"{path}:1: expected 'v1.2 <samples>', got {head[:80]!r}")
+    samples = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        groups = list(zip(*[iter(fields)] * 4, strict=False))
+        if not fields or len(fields) % 4 or not all(o.isdigit() and n.isdigit() for _, o, n, _ in groups):
+            raise ValueError(f"{path}:{number}: expected groups of 'ext offset size name', got {line[:80]!r}")
+        samples.append([IndexEntry(ext, int(offset), int(size), name) for ext, offset, size, name in groups])
+    return int(count), samples
 
 
 def sha256_file(path: Path) -> str:

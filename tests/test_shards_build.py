@@ -156,6 +156,10 @@ def test_verify_accepts_a_build_and_catches_changed_byte_truncation_and_missing_
     assert any(shards[2].name in p and "missing" in p for p in problems)
     (root / "train-000003.idx").write_text("v1.2 1\njunk 0 1 x.jpg\n")
     assert any("train-000003.idx" in p for p in verify(root))
+    for malformed, line in (("v9 1\njpg 512 1 x.jpg\n", 1), ("v1.2 1\njpg x 1 x.jpg\n", 2)):
+        (root / "train-000003.idx").write_text(malformed)
+        assert any(p.startswith("train-000003.idx: malformed index:") and f"train-000003.idx:{line}:" in p
+                   for p in verify(root))
 
 
 def test_verify_cli_exit_codes(image_folder, tmp_path):

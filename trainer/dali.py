@@ -27,13 +27,12 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from shards.keys import stable_hash
-from shards.writer import index_name
+from shards.writer import index_path
 from trainer.data import Batch, DataError, EpochPosition
 from trainer.shardset import ShardSet
 from trainer.transforms import AugmentConfig, BadSample, parse_label
@@ -41,10 +40,6 @@ from trainer.transforms import AugmentConfig, BadSample, parse_label
 INSTALL = ("DALI is not installed: pip install 'taxotrain[dali]' (nvidia-dali-cuda130; other CUDA "
            "versions: https://docs.nvidia.com/deeplearning/dali), or use loader.backend=webdataset")
 IMAGE_EXTS = "jpg;jpeg;png;webp;bmp;tif;tiff"
-
-
-def index_path(shard: Path) -> Path:
-    return shard.with_name(index_name(shard.name))
 
 
 def available() -> bool:

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from shards.keys import stable_hash
-from shards.writer import index_name
+from shards.writer import index_path, read_index
 from trainer.shardset import Shard, ShardSet
 from trainer.transforms import BadSample, decode
 
@@ -179,7 +179,7 @@ def read_shard(shard: Shard) -> Iterator[dict]:
 
     With the index file `shards.build` writes beside the shard, members are read at their offsets;
     without one, the tar is scanned with webdataset's reader."""
-    index = shard.path.with_name(index_name(shard.path.name))
+    index = index_path(shard.path)
     count = 0
     try:
         samples = _indexed(shard, index) if index.is_file() else _scanned(shard)
@@ -203,23 +203,21 @@ def _scanned(shard: Shard) -> Iterator[dict]:
 
 
 def _indexed(shard: Shard, index: Path) -> Iterator[dict]:
-    """Samples from the members at the offsets in the shard's DALI index ("ext offset size name" per
-    member, one line per sample). Python's `tarfile` spends ~70 us parsing each member header, 10% of a
-    worker's time per image; here each header is only checked to name the member the index expects,
-    so a stale index fails loudly instead of feeding wrong bytes."""
-    lines = index.read_text().splitlines()[1:]  # line 1: "v1.2 <samples>"
+    """Samples from the members at the offsets in the shard's DALI index. Python's `tarfile` spends
+    ~70 us parsing each member header, 10% of a worker's time per image; here each header is only
+    checked to name the member the index expects, so a stale index fails loudly instead of feeding
+    wrong bytes."""
+    try:
+        _, samples = read_index(index)
+    except ValueError as err:
+        raise DataError(str(err)) from err
     with open(shard.path, "rb") as fh:
-        for number, line in enumerate(lines, start=2):
-            fields = line.split()
-            groups = list(zip(*[iter(fields)] * 4, strict=False))
-            if not fields or len(fields) % 4 or not all(o.isdigit() and n.isdigit() for _, o, n, _ in groups):
-                raise DataError(f"{index}:{number}: expected groups of 'ext offset size name', "
-                                f"got {line[:80]!r}")
+        for number, members in enumerate(samples, start=2):  # line 1 holds the version and count
             sample: dict = {"__url__": str(shard.path)}
-            for ext, offset, size, name in groups:
-                fh.seek(int(offset) - TAR_BLOCK)
-                block = fh.read(TAR_BLOCK + int(size))
-                if len(block) != TAR_BLOCK + int(size) or _member_name(block) != name:
+            for ext, offset, size, name in members:
+                fh.seek(offset - TAR_BLOCK)
+                block = fh.read(TAR_BLOCK + size)
+                if len(block) != TAR_BLOCK + size or _member_name(block) != name:
                     raise DataError(f"{shard.path}: no member {name} at offset {offset} (from {index.name}, "
                                     f"line {number}): truncated shard or stale index; check it with "
                                     "python -m shards.verify")
