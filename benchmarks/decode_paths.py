@@ -21,7 +21,6 @@ import itertools
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,12 +32,11 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 from common import fmt, machine, table  # noqa: E402
-from loader import make_images, make_shards  # noqa: E402
+from loader import CACHE, bench_set  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from trainer import shardset  # noqa: E402
 from trainer.data import read_shard  # noqa: E402
 from trainer.transforms import AugmentConfig, train_transform  # noqa: E402
 
@@ -89,15 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up (default 5)")
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--source-images", type=int, default=2000, help="loader.py's set (default 2000)")
-    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "taxotrain-loader-bench")
+    p.add_argument("--data", type=Path, default=CACHE)
     p.add_argument("--shard-maxcount", type=int, default=100)
     p.add_argument("--json", type=Path, help="also write the rows as a JSON list to this file")
     args = p.parse_args(argv)
     if min(args.images, args.repeats, args.crop) < 1:
         p.error("--images, --repeats and --crop must be >= 1")
 
-    root = make_images(args.data, args.source_images, 0)
-    train = shardset.load(make_shards(root, args.data, args.shard_maxcount, 0), "train")
+    root, train = bench_set(args.data, args.source_images, args.shard_maxcount, 0)
     samples = itertools.chain.from_iterable(read_shard(s) for s in train.shards)
     blobs = [s["jpg"] for s in itertools.islice(samples, args.images)]
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]

@@ -102,6 +102,7 @@ LONG_SIDE = 500
 ASPECT = (4 / 3, 3 / 2)  # ImageNet's most common shapes: 500x375 and 500x333
 PORTRAIT = 0.2
 JPEG_QUALITY = 90
+CACHE = Path(tempfile.gettempdir()) / "taxotrain-loader-bench"  # generated JPEGs and shards, reused
 
 
 class Unavailable(RuntimeError):
@@ -144,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per backend after one warm-up run")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), metavar="NAME",
                    help=f"a subset of {', '.join(BACKENDS)} (default: all)")
-    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "taxotrain-loader-bench",
+    p.add_argument("--data", type=Path, default=CACHE,
                    help="cache folder for the generated JPEGs and their shards (reused across runs)")
     p.add_argument("--shard-maxcount", type=int, default=100, help="images per shard (default 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -213,6 +214,12 @@ def make_shards(root: Path, cache: Path, maxcount: int, seed: int) -> Path:
         if info["quarantined"]:
             raise RuntimeError(f"{info['quarantined']} generated images quarantined: see {out}")
     return out
+
+
+def bench_set(cache: Path, count: int, maxcount: int, seed: int) -> tuple[Path, ShardSet]:
+    """The JPEG folder and the train split of its shards, made on first use (shared by the benchmarks)."""
+    root = make_images(cache, count, seed)
+    return root, shardset.load(make_shards(root, cache, maxcount, seed), "train")
 
 
 def describe(root: Path, train: ShardSet) -> str:
@@ -464,8 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print(f"machine: {machine()}")
     cache = args.data.expanduser()
-    root = make_images(cache, args.images, args.seed)
-    train = shardset.load(make_shards(root, cache, args.shard_maxcount, args.seed), "train")
+    root, train = bench_set(cache, args.images, args.shard_maxcount, args.seed)
     print(f"data: {describe(root, train)}")
     print(f"runs: 1 warm-up + {args.repeats} timed per backend, interleaved; each run drops "
           f"{args.warmup_batches} batches, then times {args.batches} x {args.batch} images; "

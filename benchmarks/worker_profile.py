@@ -28,7 +28,6 @@ import multiprocessing as mp
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,9 +37,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from common import machine  # noqa: E402
-from loader import make_images, make_shards  # noqa: E402
+from loader import CACHE, bench_set  # noqa: E402
 
-from trainer import shardset  # noqa: E402
 from trainer.data import Batch, ShardLoader, StreamConfig, TrainStream, steps_per_epoch  # noqa: E402
 from trainer.transforms import AugmentConfig, train_transform  # noqa: E402
 
@@ -89,14 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--epochs", type=int, default=3, help="epochs, one report per worker each (default 3)")
     p.add_argument("--images", type=int, default=2000, help="as in benchmarks/loader.py (default 2000)")
-    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "taxotrain-loader-bench")
+    p.add_argument("--data", type=Path, default=CACHE)
     p.add_argument("--shard-maxcount", type=int, default=100)
     args = p.parse_args(argv)
     if args.workers < 1 or args.batch < 1 or args.epochs < 1:
         p.error("--workers, --batch and --epochs must be >= 1")
 
-    root = make_images(args.data, args.images, 0)
-    train = shardset.load(make_shards(root, args.data, args.shard_maxcount, 0), "train")
+    _, train = bench_set(args.data, args.images, args.shard_maxcount, 0)
     reports: mp.Queue = mp.get_context("fork").Queue()
     per_epoch = steps_per_epoch(train.num_samples, args.batch, 1, 1)
     stream = ProfiledStream(train, train_transform(AugmentConfig()), StreamConfig(args.batch, 0), rank=0,
