@@ -37,8 +37,8 @@ from PIL import Image  # noqa: E402
 from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from trainer.data import read_shard  # noqa: E402
-from trainer.transforms import AugmentConfig, train_transform  # noqa: E402
+from trainer.data.streams import read_shard  # noqa: E402
+from trainer.data.transforms import AugmentConfig, train_transform  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.evaluate import EvalData, EvaluateConfig, evaluate  # noqa: E402
-from trainer import distributed  # noqa: E402
-from trainer.members import TTA  # noqa: E402
+from trainer.inference.config import EvalData, EvaluateConfig  # noqa: E402
+from trainer.inference.evaluate import evaluate  # noqa: E402
+from trainer.inference.members import TTA  # noqa: E402
+from trainer.runtime import distributed  # noqa: E402
 
 KEYS = ("top1", "mrr", "nll", "ece")
 

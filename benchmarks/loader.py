@@ -8,9 +8,9 @@ scale (0.08, 1)) + horizontal flip, the same batch size and the same number of D
   `transforms.v2` RandomResizedCrop, RandomHorizontalFlip, PILToTensor: the reference users know;
 - `webdataset`: ours, `trainer.data.TrainStream` + `ShardLoader` over the shards' train split, as
   `trainer/loop.py` builds them (torchvision.io decode, seeded per-sample augmentation);
-- `dali-cpu`, `dali-gpu`: `trainer.dali.DaliLoader`; a row says `not available: <reason>` when DALI
+- `dali-cpu`, `dali-gpu`: `trainer.data.dali.DaliLoader`; a row says `not available: <reason>` when DALI
   cannot be imported or the loader cannot be built;
-- `torchvision-gpu`: `trainer.gpu_decode.GpuDecodeLoader`: workers read JPEG bytes from the shards,
+- `torchvision-gpu`: `trainer.data.gpu_decode.GpuDecodeLoader`: workers read JPEG bytes from the shards,
   the main process decodes a whole batch with `torchvision.io.decode_jpeg(..., device="cuda")` and
   crops each image on the GPU;
 - `synthetic`: `trainer.data.SyntheticLoader`, one random batch reused: the upper bound of the loop;
@@ -74,8 +74,10 @@ from common import fmt, machine, table  # noqa: E402
 
 from shards.build import build  # noqa: E402
 from shards.config import ImageFolderSource, ShardConfig, ShardSizeConfig  # noqa: E402
-from trainer import shardset  # noqa: E402
-from trainer.data import (  # noqa: E402
+from trainer.data import shardset  # noqa: E402
+from trainer.data.gpu_decode import GpuDecodeLoader, RawStream  # noqa: E402
+from trainer.data.shardset import ShardSet  # noqa: E402
+from trainer.data.streams import (  # noqa: E402
     Batch,
     ShardLoader,
     StreamConfig,
@@ -84,9 +86,7 @@ from trainer.data import (  # noqa: E402
     read_shard,
     steps_per_epoch,
 )
-from trainer.gpu_decode import GpuDecodeLoader, RawStream  # noqa: E402
-from trainer.shardset import ShardSet  # noqa: E402
-from trainer.transforms import IMAGE_KEYS, AugmentConfig, train_transform  # noqa: E402
+from trainer.data.transforms import IMAGE_KEYS, AugmentConfig, train_transform  # noqa: E402
 
 BACKENDS = ("imagefolder", "webdataset", "dali-cpu", "dali-gpu", "torchvision-gpu", "synthetic", "ceiling",
             "ceiling-parallel")
@@ -260,11 +260,11 @@ class FolderLoader:
 
 
 def dali_loader(device: str, train: ShardSet, aug: AugmentConfig, batch: int, workers: int,
-                batches_per_epoch: int, seed: int):  # -> trainer.dali.DaliLoader
+                batches_per_epoch: int, seed: int):  # -> trainer.data.dali.DaliLoader
     if device == "gpu" and not torch.cuda.is_available():
         raise Unavailable("no GPU")
     try:
-        from trainer.dali import DaliLoader, DaliOptions
+        from trainer.data.dali import DaliLoader, DaliOptions
     except Exception as err:  # ImportError, or DALI itself failing to load its libraries
         raise Unavailable(f"import trainer.dali: {type(err).__name__}: {err}") from err
     # DALI's CPU threads stand in for the DataLoader workers: the same number of cores at work

@@ -39,8 +39,8 @@ if str(REPO) not in sys.path:
 from common import machine  # noqa: E402
 from loader import CACHE, bench_set  # noqa: E402
 
-from trainer.data import Batch, ShardLoader, StreamConfig, TrainStream, steps_per_epoch  # noqa: E402
-from trainer.transforms import AugmentConfig, train_transform  # noqa: E402
+from trainer.data.streams import Batch, ShardLoader, StreamConfig, TrainStream, steps_per_epoch  # noqa: E402
+from trainer.data.transforms import AugmentConfig, train_transform  # noqa: E402
 
 FIELDS = ("busy", "prepare", "assemble", "rest", "cpu", "faults")
 

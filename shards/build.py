@@ -1,6 +1,7 @@
-"""`python -m shards.build source=<imagefolder|csv|demo> out=DIR [overrides]`
+"""`python -m shards.build source=<imagefolder|csv|demo> out=DIR [overrides]` (`taxotrain-shards`).
 
-Thin entry point: validate the config, then `build()` plans, writes and reports.
+Thin entry point: the schema judges the config (`shards/config.py`), then `build()` plans, writes and
+reports. Exit codes: 0 done; 1 too many inputs quarantined or an incomplete array build; 2 a bad command.
 """
 from __future__ import annotations
 
@@ -10,22 +11,21 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from tqdm import tqdm
 
 from shards import config
-from shards.config import ConfigError, ShardConfig
+from shards.config import ShardConfig
 from shards.manifest import load_results, summary, tally, write_manifest
 from shards.plan import ShardPlan, make_plan
 from shards.sources import collect
 from shards.writer import ShardResult, WriteOptions, write_shard
+from trainer.runtime import cli
+from trainer.runtime.exits import RunFailure
 
 log = logging.getLogger("shards.build")
 
 
-class TooManyBad(RuntimeError):
+class TooManyBad(RunFailure):
     """More inputs were quarantined than `max_bad_fraction` allows."""
 
 
@@ -86,25 +86,13 @@ def build(cfg: ShardConfig) -> dict | None:
     return info
 
 
-def to_config(cfg: DictConfig) -> ShardConfig:
-    """Typed and value-checked config (raises ConfigError naming the key)."""
-    try:
-        return OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as e:
-        raise ConfigError(f"{e.full_key}: required, set it on the command line ({e.full_key}=...)") from None
+def run(cfg: ShardConfig) -> int:
+    build(cfg)
+    return 0
 
 
 config.register()
-
-
-@hydra.main(config_path="../conf", config_name="shard", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        build(to_config(cfg))
-    except (ConfigError, TooManyBad, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-
+main = cli.tool("shard", ShardConfig, run, __doc__)
 
 if __name__ == "__main__":
     main()

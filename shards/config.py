@@ -10,16 +10,21 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from trainer.runtime.choices import Choice
+from trainer.runtime.exits import ConfigError
+
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
-
-
-class ConfigError(ValueError):
-    """A setting has an impossible value; the message names the key."""
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+class Stage(Choice):
+    all = "all"            # plan, write and finalize in one process
+    write = "write"        # an array task: write its shards only
+    finalize = "finalize"  # once every task has written: the manifest
 
 
 @dataclass
@@ -107,7 +112,7 @@ class ShardConfig:
     # stage=write skips the manifest, stage=finalize only writes it.
     task_index: int = 0
     task_count: int = 1
-    stage: str = "all"
+    stage: Stage = Stage.all
     progress: bool | None = None  # None = when stderr is a terminal
 
     def __post_init__(self) -> None:
@@ -117,8 +122,6 @@ class ShardConfig:
         _check(self.task_count >= 1, "task_count", "must be >= 1")
         _check(0 <= self.task_index < self.task_count, "task_index",
                f"must be in [0, task_count={self.task_count}), got {self.task_index}")
-        _check(self.stage in ("all", "write", "finalize"), "stage",
-               f"must be all | write | finalize, got {self.stage!r}")
 
 
 @dataclass
@@ -129,9 +132,8 @@ class VerifyConfig:
 
 
 def register() -> None:
+    """The source group's schemas; each tool's root schema is stored by `trainer.runtime.cli.tool`."""
     cs = ConfigStore.instance()
-    cs.store(name="shard_schema", node=ShardConfig)
-    cs.store(name="verify_schema", node=VerifyConfig)
     cs.store(group="source", name="imagefolder_schema", node=ImageFolderSource)
     cs.store(group="source", name="csv_schema", node=CsvSource)
     cs.store(group="source", name="demo_schema", node=DemoSource)

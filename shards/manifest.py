@@ -12,15 +12,16 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.info import INFO
 from shards.plan import ShardPlan
 from shards.sources import SPLITS, Collection, Reject
 from shards.writer import PARTS, ShardResult, atomic_write, index_name
+from trainer.runtime.exits import RunFailure
 
-INFO = "_info.json"
 FORMAT = "taxotrain-shards/1"
 
 
-class IncompleteBuild(RuntimeError):
+class IncompleteBuild(RunFailure):
     """Some planned shards have no result yet (an array task has not run or failed)."""
 
 

@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.config import ConfigError, CsvSource, DemoSource, ImageFolderSource, SourceConfig
+from shards.config import CsvSource, DemoSource, ImageFolderSource, SourceConfig
 from shards.keys import key_from_id, key_from_path
+from trainer.runtime.exits import ConfigError
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",

@@ -7,18 +7,16 @@ WebDataset and silently lose samples: only the manifest catches it.
 from __future__ import annotations
 
 import io
-import json
-import sys
 import tarfile
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
 from shards import config
 from shards.config import VerifyConfig
-from shards.manifest import INFO
-from shards.writer import read_index, sha256_file
+from shards.info import InfoError, ShardEntry, ShardInfo, read_info
+from shards.writer import index_name, read_index
+from trainer.runtime import cli
+from trainer.runtime.exits import EXIT_FAILED
+from trainer.runtime.files import sha256_file
 
 
 def _tar_members(path: Path, decode: bool, num_classes: int) -> tuple[list[tuple[str, int, int]], list[str]]:
@@ -45,16 +43,16 @@ def _tar_members(path: Path, decode: bool, num_classes: int) -> tuple[list[tuple
     return members, problems
 
 
-def verify_shard(root: Path, entry: dict, decode: bool, num_classes: int) -> list[str]:
-    name = entry["filename"]
+def verify_shard(root: Path, entry: ShardEntry, decode: bool, num_classes: int) -> list[str]:
+    name = entry.filename
     path = root / name
     if not path.exists():
         return [f"{name}: missing"]
     problems = []
     size = path.stat().st_size
-    if size != entry["bytes"]:
-        problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
-    if sha256_file(path) != entry["sha256"]:
+    if size != entry.bytes:
+        problems.append(f"{name}: {size} bytes, manifest says {entry.bytes}")
+    if sha256_file(path) != entry.sha256:
         problems.append(f"{name}: sha256 differs from the manifest")
     try:
         members, inner = _tar_members(path, decode, num_classes)
@@ -62,9 +60,9 @@ def verify_shard(root: Path, entry: dict, decode: bool, num_classes: int) -> lis
         return problems + [f"{name}: unreadable tar: {e}"]
     problems += inner
     keys = {m[0].split(".", 1)[0] for m in members}
-    if len(keys) != entry["num_samples"]:
-        problems.append(f"{name}: {len(keys)} samples, manifest says {entry['num_samples']}")
-    problems += _check_index(root / entry["index"], members, len(keys))
+    if len(keys) != entry.num_samples:
+        problems.append(f"{name}: {len(keys)} samples, manifest says {entry.num_samples}")
+    problems += _check_index(root / (entry.index or index_name(name)), members, len(keys))
     return problems
 
 
@@ -86,39 +84,40 @@ def _check_index(path: Path, members: list[tuple[str, int, int]], num_keys: int)
 
 def verify(root: Path, decode: bool = False) -> list[str]:
     """Every mismatch between the shard set in `root` and its manifest (empty when sound)."""
-    info_path = root / INFO
-    if not info_path.exists():
-        return [f"{info_path}: missing (the build did not finish)"]
-    info = json.loads(info_path.read_text())
+    try:
+        info = read_info(root)
+    except InfoError as err:
+        return [str(err)]
     problems, listed = [], set()
-    for split in info["splits"].values():
-        lengths = dict(zip(split["filenames"], split["shard_lengths"]))
-        for entry in split["shards"]:
-            listed.add(entry["filename"])
-            if lengths.get(entry["filename"]) != entry["num_samples"]:
-                problems.append(f"{entry['filename']}: shard_lengths and shards disagree")
-            problems += verify_shard(root, entry, decode, info["num_classes"])
+    for split in info.splits.values():
+        for entry in split.shards:
+            listed.add(entry.filename)
+            problems += verify_shard(root, entry, decode, len(info.classes))
     problems += [f"{p.name}: shard not in the manifest" for p in sorted(root.glob("*.tar"))
                  if p.name not in listed]
     return problems
 
 
-config.register()
+def summary(root: Path, problems: list[str]) -> str:
+    try:
+        info: ShardInfo | None = read_info(root)
+    except InfoError:
+        info = None
+    shards = sum(len(s.shards) for s in info.splits.values()) if info else 0
+    samples = sum(s.num_samples for s in info.splits.values()) if info else 0
+    return f"verify: {shards} shards, {samples} samples, {len(problems)} problem(s) in {root}"
 
 
-@hydra.main(config_path="../conf", config_name="verify", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    vc: VerifyConfig = OmegaConf.to_object(cfg)
+def run(vc: VerifyConfig) -> int:
     root = Path(vc.dir).expanduser()
     problems = verify(root, vc.decode)
     for p in problems:
         print(f"MISMATCH {p}")
-    info = json.loads((root / INFO).read_text()) if (root / INFO).exists() else {"splits": {}}
-    shards = sum(len(s["filenames"]) for s in info["splits"].values())
-    samples = sum(s["num_samples"] for s in info["splits"].values())
-    print(f"verify: {shards} shards, {samples} samples, {len(problems)} problem(s) in {root}")
-    sys.exit(1 if problems else 0)
+    print(summary(root, problems))
+    return EXIT_FAILED if problems else 0
 
+
+main = cli.tool("verify", VerifyConfig, run, __doc__)
 
 if __name__ == "__main__":
     main()

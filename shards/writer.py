@@ -1,16 +1,15 @@
 """Write one shard: a plain ustar tar, its DALI index, and a sidecar with its result.
 
-A shard is written as `.NAME.tmp-PID`, fsynced and renamed, so an interrupted build never leaves
-a file that looks complete. The sidecar (`_parts/NAME.json`) lets a re-run skip shards whose
-bytes still match and lets the final step write the manifest without re-reading the shards.
+A shard is written through `trainer.runtime.files.atomic_path` (hidden temporary, fsync, rename), so
+an interrupted build never leaves a file that looks complete. The sidecar (`_parts/NAME.json`) lets
+a re-run skip shards whose bytes still match and lets the final step write the manifest without
+re-reading the shards.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
-import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import NamedTuple
 from shards.images import BadImage, prepare
 from shards.plan import ShardPlan
 from shards.sources import Reject
+from trainer.runtime.files import atomic_path, atomic_write, sha256_file
 
 # 2000-01-01T00:00:00Z: a fixed time (and owner) makes rebuilds byte-identical
 MTIME = 946684800
@@ -86,23 +86,6 @@ def read_index(path: Path) -> tuple[int, list[list[IndexEntry]]]:
     return int(count), samples
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _member(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, MTIME, 0o444
@@ -138,31 +121,51 @@ def _up_to_date(plan: ShardPlan, out: Path) -> ShardResult | None:
     return old if sha256_file(shard) == old.sha256 else None
 
 
+class _NothingWritten(Exception):
+    """Every input of the shard was quarantined: the temporary is dropped, not published."""
+
+
 def write_shard(plan: ShardPlan, out: Path, opts: WriteOptions) -> ShardResult:
     done = _up_to_date(plan, out)
     if done is not None:
         done.skipped = True
         return done
     result = ShardResult(plan.name, plan.split, plan.digest)
-    tmp = out / f".{plan.name}.tmp-{os.getpid()}"
-    index_lines = []
-    with tmp.open("wb") as fh:
-        # ustar, not PAX: DALI's reader once failed on PAX headers (DALI #3640)
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for item in plan.items:
-                members = _sample_members(item, plan.split, opts, result)
-                if not members:
-                    continue
-                parts = []
-                for name, data in members:
-                    # one 512-byte header per member (short ASCII names): data follows it
-                    parts.append(f"{name.split('.', 1)[1]} {tar.offset + 512} {len(data)} {name}")
-                    tar.addfile(_member(name, len(data)), io.BytesIO(data))
-                index_lines.append(" ".join(parts))
-        fh.flush()
-        os.fsync(fh.fileno())
-    _publish(plan.name, tmp, index_lines, out, result)
+    try:
+        with atomic_path(out / plan.name) as tmp:
+            index_lines = _write_tar(plan, tmp, opts, result)
+            if result.num_samples == 0:
+                raise _NothingWritten
+            # DALI index v1.2, the format of DALI's wds2idx: "ext offset size name" per member; written
+            # before its shard, which `atomic_path` publishes last
+            atomic_write(out / index_name(plan.name),
+                         f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
+            result.bytes = tmp.stat().st_size
+            result.sha256 = sha256_file(tmp)
+    except _NothingWritten:
+        # no empty shard (or a stale one of an earlier build) for readers to trip over
+        (out / plan.name).unlink(missing_ok=True)
+        (out / index_name(plan.name)).unlink(missing_ok=True)
+    atomic_write(out / PARTS / f"{plan.name}.json", json.dumps(asdict(result), indent=1))
     return result
+
+
+def _write_tar(plan: ShardPlan, tmp: Path, opts: WriteOptions, result: ShardResult) -> list[str]:
+    """The shard's samples into `tmp`; returns the index lines, one per sample written."""
+    index_lines = []
+    # ustar, not PAX: DALI's reader once failed on PAX headers (DALI #3640)
+    with tmp.open("wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for item in plan.items:
+            members = _sample_members(item, plan.split, opts, result)
+            if not members:
+                continue
+            parts = []
+            for name, data in members:
+                # one 512-byte header per member (short ASCII names): data follows it
+                parts.append(f"{name.split('.', 1)[1]} {tar.offset + 512} {len(data)} {name}")
+                tar.addfile(_member(name, len(data)), io.BytesIO(data))
+            index_lines.append(" ".join(parts))
+    return index_lines
 
 
 def _sample_members(item, split: str, opts: WriteOptions, result: ShardResult):
@@ -181,21 +184,3 @@ def _sample_members(item, split: str, opts: WriteOptions, result: ShardResult):
     return [(f"{item.key}.{enc.ext}", enc.data),
             (f"{item.key}.cls", str(item.label).encode()),
             (f"{item.key}.json", _metadata(item, opts, enc.ext))]
-
-
-def _publish(name: str, tmp: Path, index_lines: list[str], out: Path, result: ShardResult) -> None:
-    shard, index = out / name, out / index_name(name)
-    if result.num_samples == 0:
-        # every input was quarantined: no empty shard for readers to trip over
-        tmp.unlink()
-        shard.unlink(missing_ok=True)
-        index.unlink(missing_ok=True)
-    else:
-        # DALI index v1.2, the format of DALI's wds2idx: "ext offset size name" per member
-        text = f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n"
-        atomic_write(index, text.encode())
-        result.bytes = tmp.stat().st_size
-        result.sha256 = sha256_file(tmp)
-        os.replace(tmp, shard)
-    (out / PARTS).mkdir(exist_ok=True)
-    atomic_write(out / PARTS / f"{name}.json", json.dumps(asdict(result), indent=1).encode())

@@ -10,10 +10,11 @@ import torch
 from omegaconf import OmegaConf
 from train_fixtures import final_state, write_shardset
 
-from launch.bag import member_config, train_bag
-from trainer import data, shardset
-from trainer.config import TrainConfig
-from trainer.transforms import AugmentConfig, train_transform
+from trainer.config import BagRunConfig, TrainConfig
+from trainer.data import shardset
+from trainer.data import streams as data
+from trainer.data.transforms import AugmentConfig, train_transform
+from trainer.jobs.bag import member_config, train_bag
 
 KEYS = [f"key-{i:05d}" for i in range(20000)]
 
@@ -46,24 +47,26 @@ def test_a_members_stream_repeats_samples_by_their_count(tmp_path):
     assert 0 < sum(1 for k in expected if expected[k] == 0) < len(expected)
 
 
-def bag_config(shards: Path, run_dir: Path, *overrides: str) -> TrainConfig:
+def bag_config(shards: Path, run_dir: Path, *overrides: str) -> BagRunConfig:
     dots = [f"data.shards={shards}", f"run_dir={run_dir}", "model.name=resnet18", "data.crop_size=16",
             "loader.batch_size=4", "loader.workers=0", "loader.pin_memory=false", "logger.mode=disabled",
             "trainer.max_steps=3", "data.val_split=null", "schedule.warmup_epochs=0", *overrides]
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist(dots))
+    merged = OmegaConf.merge(OmegaConf.structured(BagRunConfig), OmegaConf.from_dotlist(dots))
     return OmegaConf.to_object(merged)
 
 
 def test_member_configs_differ_in_seed_resample_dir_and_model(tmp_path):
-    cfg = bag_config(tmp_path, tmp_path / "bag", "bag.members=3", "bag.seed=2",
+    shards = write_shardset(tmp_path / "s", {"train": [4]})
+    cfg = bag_config(shards, tmp_path / "bag", "bag.members=3", "bag.seed=2",
                      "bag.models=[resnet18,mobilenet_v3_small]")
     members = [member_config(cfg, i) for i in range(3)]
     assert [m.trainer.seed for m in members] == [2000, 2001, 2002]
     assert [m.data.bootstrap_member for m in members] == [0, 1, 2]
     assert [m.model.name for m in members] == ["resnet18", "mobilenet_v3_small", "resnet18"]
     assert [Path(m.run_dir).name for m in members] == ["member-00", "member-01", "member-02"]
-    seeds_only = member_config(bag_config(tmp_path, tmp_path / "b", "bag.strategy=seed"), 1)
+    seeds_only = member_config(bag_config(shards, tmp_path / "b", "bag.strategy=seed"), 1)
     assert seeds_only.data.bootstrap_member is None
+    assert type(seeds_only) is TrainConfig  # a member records a plain training config, not the bag's
 
 
 def test_a_bag_of_two_trains_both_members_and_records_them(tmp_path):

@@ -22,6 +22,7 @@ from torch import nn
 
 from trainer import rng
 from trainer.checkpoint import Checkpointer, CheckpointError
+from trainer.runtime.files import TEMP_INFIX
 from trainer.schedule import build_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -325,6 +326,8 @@ def test_corrupt_newest_falls_back_to_previous(
     with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
         assert ck.load_latest()["step"] == 1
     assert "skipping unusable checkpoint" in caplog.text and "step-000000002.pt" in caplog.text
+    path, state = ck.load_newest()  # the file it fell back to, for errors that name it
+    assert path == tmp_path / "step-000000001.pt" and state["step"] == 1
 
 
 def test_all_corrupt_raises(tmp_path: Path) -> None:
@@ -362,7 +365,7 @@ def test_state_that_weights_only_refuses_is_not_saved(tmp_path: Path) -> None:
 
 
 def test_stale_temporaries_are_removed_but_nothing_else(tmp_path: Path) -> None:
-    stale = ["step-000000007.pt.tmp.4242.deadbeef", "best.json.tmp.4242.0badf00d"]
+    stale = [".step-000000007.pt.tmp-4242-deadbeef", ".best.json.tmp-4242-0badf00d"]
     for name in [*stale, "notes.tmp.txt"]:
         (tmp_path / name).write_bytes(b"x")
     Checkpointer(tmp_path).save(small_state(1), 1)
@@ -391,6 +394,11 @@ while True:
 """
 
 
+def step_temporary(name: str) -> bool:
+    """A step checkpoint's temporary as trainer.runtime.files.atomic_write names it."""
+    return name.startswith(".step-") and TEMP_INFIX in name
+
+
 def kill_writer_mid_save(directory: Path) -> list[str]:
     """Start KILLED_WRITER, SIGKILL it while it writes a step after the first, return what it left."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -401,7 +409,7 @@ def kill_writer_mid_save(directory: Path) -> list[str]:
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read().decode()
             names = os.listdir(directory) if directory.exists() else []
-            if "step-000000000.done" in names and any(n.startswith("step-") and ".tmp." in n for n in names):
+            if "step-000000000.done" in names and any(map(step_temporary, names)):
                 break
             time.sleep(0.001)
         else:
@@ -432,7 +440,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path: Path)
             assert Checkpointer.load(directory / "best.pt")["step"] == ck.best["step"] <= state["step"]
         # The next save of the restarted run clears whatever the killed one left half-written.
         ck.save(small_state(state["step"] + 1), state["step"] + 1)
-        assert not [n for n in os.listdir(directory) if ".tmp." in n]
-        if any(n.startswith("step-") and ".tmp." in n for n in left):
+        assert not [n for n in os.listdir(directory) if TEMP_INFIX in n]
+        if any(map(step_temporary, left)):
             return
     pytest.fail("no attempt was killed in the middle of writing a checkpoint")

@@ -20,12 +20,12 @@ import torch
 from test_train import config, train
 from train_fixtures import final_state, write_shardset
 
-from shards.config import ConfigError
-from trainer import data, shardset
-from trainer.dali import DaliLoader, DaliOptions, index_path
-from trainer.data import DataError, StreamConfig
-from trainer.preempt import EXIT_PREEMPTED
-from trainer.transforms import AugmentConfig, train_transform
+from trainer.data import shardset
+from trainer.data import streams as data
+from trainer.data.dali import DaliLoader, DaliOptions, index_path
+from trainer.data.streams import DataError, StreamConfig
+from trainer.data.transforms import AugmentConfig, train_transform
+from trainer.runtime.exits import EXIT_PREEMPTED, ConfigError
 
 pytestmark = pytest.mark.dali
 CHILD = "TAXOTRAIN_DALI_TEST_CHILD"
@@ -98,8 +98,8 @@ def test_training_with_dali_runs_resumes_and_refuses_what_it_cannot_do(shards, t
     assert final_state(tmp_path / "b")["step"] == 9
     with pytest.raises(ConfigError, match="bootstrap"):
         train(config(shards, tmp_path / "c", *common, "data.bootstrap_member=0"))
-    with pytest.raises(DataError, match="data.augment"):
-        train(config(shards, tmp_path / "d", *common, "data.augment=trivialaugment"))
+    with pytest.raises(ConfigError, match="data.augment"):  # the schema refuses it, before any work
+        config(shards, tmp_path / "d", *common, "data.augment=trivialaugment")
     with pytest.raises(ConfigError, match="loader.backend"):
         config(shards, tmp_path / "e", "loader.backend=nvjpeg")
 
@@ -109,8 +109,8 @@ def test_missing_index_files_and_a_missing_dali_install_are_named(shards, tmp_pa
     bare = write_shardset(tmp_path / "bare", {"train": [8, 8]}, index=False)
     with pytest.raises(DataError, match="index file"):
         DaliLoader(shardset.load(bare, "train"), AUG, 4, 0, 1, 2, 0, DaliOptions())
-    monkeypatch.setattr("trainer.dali.available", lambda: False)
-    with pytest.raises(DataError, match=r"pip install 'taxotrain\[dali\]'"):
+    monkeypatch.setattr("trainer.data.dali.available", lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install 'taxotrain\[dali\]'"):
         DaliLoader(shardset.load(shards, "train"), AUG, 4, 0, 1, 2, 0, DaliOptions())
 
 

@@ -11,9 +11,10 @@ from conftest import run_build
 from train_fixtures import write_shardset
 
 from shards.config import ImageFolderSource, ShardSizeConfig
-from trainer import data, shardset
-from trainer.data import DataError, EpochPosition, StreamConfig
-from trainer.transforms import AugmentConfig, eval_transform, train_transform
+from trainer.data import shardset
+from trainer.data import streams as data
+from trainer.data.streams import DataError, EpochPosition, StreamConfig
+from trainer.data.transforms import AugmentConfig, eval_transform, train_transform
 
 UNEVEN = {"train": [37, 5, 22, 3, 30, 11, 2, 19], "val": [13, 4, 9]}
 AUG = AugmentConfig(crop_size=12, scale=(0.3, 1.0))
@@ -234,7 +235,7 @@ def test_decode_bytes_gives_8_bit_rgb_for_16_bit_png_and_animated_gif_and_names_
     import numpy as np
     from PIL import Image
 
-    from trainer.transforms import BadSample, decode_bytes
+    from trainer.data.transforms import BadSample, decode_bytes
 
     deep = io.BytesIO()
     Image.fromarray(np.full((5, 7), 65535, dtype=np.uint16)).save(deep, format="PNG")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import distributed as D
-from trainer.distributed import DistEnv, DistEnvError, detect
+from trainer.runtime import distributed as D
+from trainer.runtime.distributed import DistEnv, DistEnvError, detect
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -283,7 +283,7 @@ def test_init_on_gpu_sets_current_device():
 WORKER = r"""
 import os, sys, time
 import torch, torch.distributed as dist
-from trainer import distributed as D
+from trainer.runtime import distributed as D
 
 mode, timeout_s = sys.argv[1], float(sys.argv[2])
 env = D.detect()

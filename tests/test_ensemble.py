@@ -10,11 +10,11 @@ import torch
 from test_bag import bag_config
 from train_fixtures import write_shardset
 
-from launch.bag import train_bag
-from launch.evaluate import EvalData, EvaluateConfig
-from launch.evaluate import run as run_evaluate
-from shards.config import ConfigError
-from trainer.ensemble import Calibration, ProbabilityMetrics, combine
+from trainer.inference.config import EvalData, EvaluateConfig
+from trainer.inference.ensemble import Calibration, ProbabilityMetrics, combine
+from trainer.inference.evaluate import run as run_evaluate
+from trainer.jobs.bag import train_bag
+from trainer.runtime.exits import ConfigError
 
 P = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]], dtype=torch.float64)
 Y = torch.tensor([0, 2, 2, 1])

@@ -7,18 +7,20 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 from PIL import Image
 from test_bag import bag_config
 from train_fixtures import CLASSES, write_shardset
 
-from launch.bag import train_bag
-from launch.evaluate import EvalData, EvaluateConfig
-from launch.evaluate import run as run_evaluate
-from shards.config import ConfigError
-from trainer.confusion import Confusion
-from trainer.members import input_transform, load_bag, probabilities, views
+from trainer.data.transforms import AugmentConfig
+from trainer.inference.config import EvalData, EvaluateConfig
+from trainer.inference.confusion import Confusion
+from trainer.inference.evaluate import run as run_evaluate
+from trainer.inference.members import input_transform, load_bag, probabilities, views
+from trainer.jobs.bag import train_bag
 from trainer.metrics import MetricState
-from trainer.transforms import AugmentConfig
+from trainer.runtime.exits import ConfigError
 
 
 def test_confusion_counts_rows_and_most_confused_by_hand():
@@ -132,8 +134,8 @@ def test_excluded_classes_leave_the_summary_and_unknown_ones_are_named(bag, tmp_
     with pytest.raises(ConfigError, match="exclude_classes.*wasp"):
         run_evaluate(EvaluateConfig(bag=str(bag_dir), data=EvalData(str(shards), "test"),
                                     exclude_classes=["wasp"], out=str(tmp_path / "x")))
-    with pytest.raises(ConfigError, match="tta"):
-        EvaluateConfig(bag=str(bag_dir), tta="mirror")
+    with pytest.raises(ValidationError, match="tta"):  # a typed choice: refused while composing
+        OmegaConf.merge(OmegaConf.structured(EvaluateConfig), {"tta": "mirror"})
 
 
 def test_the_report_goes_to_wandb_offline_with_its_figures(bag, tmp_path, monkeypatch):

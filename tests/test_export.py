@@ -18,12 +18,14 @@ from safetensors import safe_open
 from test_bag import bag_config
 from train_fixtures import CLASSES, write_shardset
 
-from launch.bag import train_bag
-from launch.export import ExportConfig, run
-from shards.config import ConfigError
-from trainer.export import ExportError, export_bag, load_exported, load_exported_bag, preprocess
-from trainer.members import augment_config, load_member
-from trainer.transforms import eval_transform
+from launch.export import export as run
+from trainer.data.transforms import eval_transform
+from trainer.inference.config import ExportConfig
+from trainer.inference.export import ExportError, export_bag, load_exported, load_exported_bag, preprocess
+from trainer.inference.members import augment_config, load_member
+from trainer.jobs.bag import train_bag
+from trainer.runtime.cli import typed
+from trainer.runtime.exits import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 MEMBERS = ("member-00", "member-01")
@@ -162,12 +164,12 @@ def test_bad_input_is_a_config_error_and_exit_code_2(exported, tmp_path):
     missing = tmp_path / "nowhere"
     proc = subprocess.run([sys.executable, "-m", "launch.export", f"bag={missing}"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and f"bag={str(missing)!r}: no such directory" in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and f"bag: {missing} is not a directory" in proc.stdout + proc.stderr
     empty = tmp_path / "run"
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match=f"no checkpoint in {re.escape(str(empty / 'checkpoints'))}"):
         run(ExportConfig(bag=str(empty), out=str(tmp_path / "o")))
     with pytest.raises(ConfigError, match="member-07"):
         run(ExportConfig(bag=str(bag), members=["member-07"], out=str(tmp_path / "o")))
-    with pytest.raises(ConfigError, match="checkpoint: must be best or latest"):
-        ExportConfig(bag=str(bag), checkpoint="newest")
+    with pytest.raises(ConfigError, match="checkpoint: .*newest"):
+        typed(ExportConfig, {"bag": str(bag), "checkpoint": "newest"})

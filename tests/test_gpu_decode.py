@@ -12,11 +12,12 @@ import torch
 from test_train import config, train
 from train_fixtures import final_state, write_shardset
 
-from shards.config import ConfigError
-from trainer import data, shardset
-from trainer.data import StreamConfig
-from trainer.gpu_decode import GpuDecodeLoader, RawStream, gpu_decodable
-from trainer.transforms import AugmentConfig, BadSample, train_transform
+from trainer.data import shardset
+from trainer.data import streams as data
+from trainer.data.gpu_decode import GpuDecodeLoader, RawStream, gpu_decodable
+from trainer.data.streams import StreamConfig
+from trainer.data.transforms import AugmentConfig, BadSample, train_transform
+from trainer.runtime.exits import ConfigError
 
 SIZES = {"train": [13, 7, 20, 8, 11], "val": [6]}  # 59 samples, uneven shards
 AUG = AugmentConfig(crop_size=16, scale=(0.3, 1.0))

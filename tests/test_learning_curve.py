@@ -9,22 +9,23 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 from train_fixtures import final_state, write_shardset
 
-from launch.learning_curve import learning_curve
-from shards.config import ConfigError
-from trainer import config as schema
-from trainer import data, shardset
-from trainer.config import TrainConfig
-from trainer.transforms import AugmentConfig, train_transform
+from trainer.config import CurveRunConfig
+from trainer.data import shardset
+from trainer.data import streams as data
+from trainer.data.transforms import AugmentConfig, train_transform
+from trainer.jobs.curve import learning_curve
+from trainer.runtime.exits import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+ConfigStore.instance().store(name="curve_schema", node=CurveRunConfig)  # as launch.learning_curve does
 KEYS = [f"key-{i:05d}" for i in range(20000)]
 CLASS_OF = {k: i % 5 for i, k in enumerate(KEYS)}
-schema.register()
 
 
 def kept(seed: int, fraction: float, keys=KEYS) -> set[str]:
@@ -63,9 +64,14 @@ def test_a_stream_with_fraction_half_yields_exactly_its_subset_then_the_bootstra
     assert seen == +expected
 
 
-def load(*overrides: str) -> TrainConfig:
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shardset(tmp_path_factory.mktemp("curve") / "s", {"train": [4], "val": [2], "test": [2]})
+
+
+def load(shards: Path, *overrides: str) -> CurveRunConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        raw = compose("train", overrides=["data.shards=/d", "run_dir=/r", *overrides])
+        raw = compose("curve", overrides=[f"data.shards={shards}", "run_dir=/r", *overrides])
     return OmegaConf.to_object(raw)
 
 
@@ -78,25 +84,25 @@ def load(*overrides: str) -> TrainConfig:
     ("curve.fractions=[0.1,0.1001]", "curve.fractions"),
     ("curve.only=2", "curve.only"),
 ])
-def test_impossible_curve_values_name_the_key(override, key):
+def test_impossible_curve_values_name_the_key(tiny, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load("curve.fractions=[0.25,1.0]", override)
+        load(tiny, "curve.fractions=[0.25,1.0]", override)
 
 
-def test_curve_overrides_are_typed():
-    assert load("curve.fractions=[0.1,0.5,1]", "data.fraction=0.3").curve.fractions == [0.1, 0.5, 1.0]
+def test_curve_overrides_are_typed(tiny):
+    assert load(tiny, "curve.fractions=[0.1,0.5,1]", "data.fraction=0.3").curve.fractions == [0.1, 0.5, 1.0]
     with pytest.raises(ConfigCompositionException):
-        load("curve.fractions=[a,b]")
+        load(tiny, "curve.fractions=[a,b]")
     with pytest.raises(ConfigCompositionException):
-        load("curve.fraction=[0.5]")
+        load(tiny, "curve.fraction=[0.5]")
 
 
-def curve_config(shards: Path, run_dir: Path, *overrides: str) -> TrainConfig:
+def curve_config(shards: Path, run_dir: Path, *overrides: str) -> CurveRunConfig:
     dots = [f"data.shards={shards}", f"run_dir={run_dir}", "model.name=resnet18", "data.crop_size=16",
             "loader.batch_size=4", "loader.workers=0", "loader.pin_memory=false", "logger.mode=disabled",
             "trainer.max_steps=3", "data.val_split=null", "schedule.warmup_epochs=0",
             "curve.fractions=[0.5,1.0]", "data.fraction_seed=3", *overrides]
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist(dots))
+    merged = OmegaConf.merge(OmegaConf.structured(CurveRunConfig), OmegaConf.from_dotlist(dots))
     return OmegaConf.to_object(merged)
 
 

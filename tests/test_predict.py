@@ -16,12 +16,14 @@ from PIL import Image
 from test_bag import bag_config
 from train_fixtures import CLASSES, png, write_shard, write_shardset
 
-from launch.bag import train_bag
-from launch.predict import PredictConfig, list_images, run
-from shards.config import ConfigError
-from trainer.ensemble import combine
-from trainer.members import augment_config, input_transform, load_bag, probabilities
-from trainer.transforms import decode_bytes
+from trainer.data.transforms import decode_bytes
+from trainer.inference.config import PredictConfig
+from trainer.inference.ensemble import combine
+from trainer.inference.members import augment_config, input_transform, load_bag, probabilities
+from trainer.inference.predict import list_images, run
+from trainer.jobs.bag import train_bag
+from trainer.runtime.cli import typed
+from trainer.runtime.exits import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 READABLE = ["ant/a1.png", "ant/a2.png", "bee/b2.jpg", "bee/deep/b1.png", "bee/deep/b3.bmp", "cat/c1.png",
@@ -200,7 +202,7 @@ def test_labelled_shards_predict_the_chosen_split(bag, tmp_path):
 ])
 def test_bad_settings_name_the_key(bag, folder, setting, message):
     with pytest.raises(ConfigError, match=message):
-        PredictConfig(**{"bag": str(bag), "input": str(folder), **setting})
+        typed(PredictConfig, {"bag": str(bag), "input": str(folder), **setting})
 
 
 def test_bad_inputs_name_the_setting_or_file(bag, folder, tmp_path):

@@ -17,14 +17,8 @@ from conftest import run_build, save_image
 from PIL import Image
 
 from shards.build import TooManyBad
-from shards.config import (
-    ConfigError,
-    CsvSource,
-    ImageFolderSource,
-    ResizeConfig,
-    ShardSizeConfig,
-    SplitConfig,
-)
+from shards.config import CsvSource, ImageFolderSource, ResizeConfig, ShardSizeConfig, SplitConfig
+from trainer.runtime.exits import ConfigError
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = ("jpg", "png", "webp")

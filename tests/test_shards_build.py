@@ -17,15 +17,11 @@ from conftest import REPO, run_build, save_image
 
 from shards import writer as writer_mod
 from shards.build import build
-from shards.config import (
-    ConfigError,
-    ImageFolderSource,
-    ShardConfig,
-    ShardSizeConfig,
-    SplitConfig,
-)
+from shards.config import ImageFolderSource, ShardConfig, ShardSizeConfig, SplitConfig
 from shards.manifest import IncompleteBuild
 from shards.verify import verify
+from trainer.runtime.exits import ConfigError
+from trainer.runtime.files import sha256_file
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -222,7 +218,7 @@ def test_killed_build_leaves_only_complete_shards(tmp_path):
         side_path = out / "_parts" / f"{shard.name}.json"
         if not side_path.exists():
             continue  # killed between the rename and its sidecar: unrecorded, so the re-run rewrites it
-        assert writer_mod.sha256_file(shard) == json.loads(side_path.read_text())["sha256"]
+        assert sha256_file(shard) == json.loads(side_path.read_text())["sha256"]
     subprocess.run(cmd, check=True, capture_output=True)
     assert verify(out) == []
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,8 @@ def test_time_limit_checkpoints_and_requeues_until_done(shards, tmp_path):
 def test_sweep_runs_as_one_array_of_two_jobs(shards, tmp_path):
     done = cli("-m", *submitit_args(tmp_path / "${trainer.seed}", shards, "trainer.seed=0,1",
                                     "trainer.max_steps=4", "data.val_split=null", "logger.mode=disabled",
-                                    "loader.workers=0", "launcher.wait=true"))
+                                    "loader.workers=0", "launcher.wait=true",
+                                    f"hydra.sweep.dir={tmp_path}/sweeps"))  # multirun.yaml, not in the repo
     assert done.returncode == 0, done.stdout + done.stderr
     ids = re.search(r"submitted SLURM job array of 2: \[(.*)\]", done.stdout)[1]
     assert re.fullmatch(r"'(\d+)_0', '\1_1'", ids), ids  # one array job id, tasks 0 and 1
@@ -186,7 +188,72 @@ def test_dry_run_prints_the_script_and_submits_nothing(shards, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "#SBATCH --nodes=2" in done.stdout and "#SBATCH --signal=USR2@120" in done.stdout
     assert "--wait=60" in done.stdout and "#SBATCH --requeue" in done.stdout
+    run_dir = (tmp_path / "run").resolve()
+    assert "#SBATCH --array" not in done.stdout and f"one job: run_dir={run_dir}" in done.stdout
+    assert f"--output {run_dir}/slurm/%j_%t_log.out" in done.stdout  # the real log folder, not the stand-in
     assert jobs_named(name) == []
+    assert not (tmp_path / "run").exists()  # no Submitit files in run_dir/slurm either
+
+
+class TestDryRunWithoutTheCluster:
+    """A dry run submits through a stub sbatch, so it needs no cluster: these run anywhere.
+
+    A trap `sbatch` first on the command's PATH proves that the stub shadowed whatever sbatch is there.
+    """
+
+    @pytest.fixture
+    def slurm_cluster(self) -> None:
+        """Overrides the module's cluster fixture: nothing here reaches SLURM."""
+
+    @staticmethod
+    def dry_run(module: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+        trap = tmp_path / "trap"
+        trap.mkdir()
+        (trap / "sbatch").write_text(f"#!/bin/sh\ntouch {trap}/called\nexit 1\n")
+        (trap / "sbatch").chmod(0o755)
+        env = {**os.environ, "PATH": f"{trap}{os.pathsep}{os.environ['PATH']}"}
+        command = [sys.executable, "-m", module, *args, "launcher=slurm", "launcher.dry_run=true"]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not (trap / "called").exists()
+        return done
+
+    def test_a_bag_prints_the_array_script_and_each_members_run(self, shards, tmp_path):
+        bag = tmp_path / "bag"
+        done = self.dry_run("launch.bag", tmp_path, "bag.members=2", f"data.shards={shards}",
+                            f"run_dir={bag}", *TRAIN, "bag.models=[resnet18,mobilenet_v3_small]")
+        bag = bag.resolve()
+        assert "#SBATCH --array=0-1%2" in done.stdout and "#SBATCH --requeue" in done.stdout
+        assert f"--output {bag}/slurm/%A_%a_%t_log.out" in done.stdout
+        assert f"task 0: run_dir={bag}/member-00 data.bootstrap_member=0 model.name=resnet18 trainer.seed=0" \
+            in done.stdout
+        assert f"task 1: run_dir={bag}/member-01 data.bootstrap_member=1 model.name=mobilenet_v3_small " \
+            "trainer.seed=1" in done.stdout
+        assert not bag.exists()  # no bag.json, no Submitit files
+
+    def test_a_sweep_prints_the_array_script_and_each_points_run(self, shards, tmp_path):
+        done = self.dry_run("launch.train", tmp_path, "-m", f"data.shards={shards}", *TRAIN,
+                            f"run_dir={tmp_path}/${{trainer.seed}}", "trainer.seed=0,1",
+                            f"hydra.sweep.dir={tmp_path}/sweeps")
+        assert "#SBATCH --array=0-1%2" in done.stdout
+        assert f"--output {tmp_path.resolve()}/slurm/%A_%a_%t_log.out" in done.stdout
+        for seed in (0, 1):
+            assert f"task {seed}: run_dir={tmp_path.resolve()}/{seed} trainer.seed={seed}\n" in done.stdout
+        assert not (tmp_path / "slurm").exists() and not (tmp_path / "0").exists()
+
+    def test_off_the_cluster_only_a_dry_run_is_allowed(self, tmp_path, monkeypatch, capsys):
+        from trainer.config import Backend, LauncherConfig, LauncherKind, LoaderConfig, TrainConfig
+        from trainer.jobs import slurm as jobs
+        from trainer.runtime.exits import ConfigError
+
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, no srun
+        launcher = LauncherConfig(kind=LauncherKind.slurm, partition="gpu", dry_run=True)
+        cfg = TrainConfig(run_dir=str(tmp_path / "run"), launcher=launcher,
+                          loader=LoaderConfig(backend=Backend.synthetic))
+        assert jobs.submit(cfg) == 0
+        assert "#SBATCH --partition=gpu" in capsys.readouterr().out and not (tmp_path / "run").exists()
+        with pytest.raises(ConfigError, match="no sbatch"):
+            jobs.submit(replace(cfg, launcher=replace(launcher, dry_run=False)))
 
 
 def rank_pid(run_dir: Path, rank: int) -> int | None:
@@ -242,8 +309,8 @@ def test_evaluate_sbatch_on_two_nodes_counts_every_sample_once(reference, shards
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["ensemble"]["n"] == sum(UNEVEN["val"])
     # the same numbers as one process: every sample once, confusion counts merged across the nodes
-    from launch.evaluate import EvalData, EvaluateConfig
-    from launch.evaluate import run as run_evaluate
+    from trainer.inference.config import EvalData, EvaluateConfig
+    from trainer.inference.evaluate import run as run_evaluate
 
     assert run_evaluate(EvaluateConfig(bag=str(reference), data=EvalData(str(shards), "val"), workers=0,
                                        plots=False, out=str(tmp_path / "one"))) == 0

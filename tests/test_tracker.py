@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import provenance
-from trainer.provenance import REDACTED, redact_argv, redact_mapping
-from trainer.tracker import METRICS_FILE, RUN_ID_FILE, Tracker, jsonable, wandb_payload
+from trainer.tracking import provenance
+from trainer.tracking.provenance import REDACTED, redact_argv, redact_mapping
+from trainer.tracking.tracker import METRICS_FILE, RUN_ID_FILE, Tracker, jsonable, wandb_payload
 
 FAKE_SECRETS = {
     "WANDB_API_KEY": "taxotrain-fake-secret-1234567890",
@@ -52,7 +52,8 @@ def read_lines(run_dir: Path) -> list[dict]:
 
 
 def tracker_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "trainer.tracker" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records
+            if r.name == "trainer.tracking.tracker" and r.levelno == logging.WARNING]
 
 
 # metrics.jsonl ----------------------------------------------------------------------------------------
@@ -129,11 +130,11 @@ def test_progress_logs_plain_lines_when_not_a_tty(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    caplog.set_level(logging.INFO, logger="trainer.tracker")
+    caplog.set_level(logging.INFO, logger="trainer.tracking.tracker")
     with make(tmp_path, "disabled") as t:
         for step in range(1, 11):
             t.progress(step, 10, "loss 1.0")
-    lines = [r.getMessage() for r in caplog.records if r.name == "trainer.tracker"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "trainer.tracking.tracker"]
     assert lines == ["step 1/10 loss 1.0", "step 10/10 loss 1.0"]  # throttled, but the end always shows
 
 

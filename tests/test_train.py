@@ -17,12 +17,12 @@ import torch
 from omegaconf import OmegaConf
 from train_fixtures import assert_same_training_state, final_state, metrics, write_shardset
 
-from shards.config import ConfigError
 from trainer import rng
 from trainer.config import TrainConfig
-from trainer.distributed import DistEnv
 from trainer.loop import Trainer
-from trainer.preempt import EXIT_PREEMPTED
+from trainer.runtime.cli import typed
+from trainer.runtime.distributed import DistEnv
+from trainer.runtime.exits import EXIT_PREEMPTED, ConfigError
 from trainer.schedule import WarmupCosine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +40,9 @@ def shards(tmp_path_factory) -> Path:
 
 
 def config(shards: Path, run_dir: Path, *overrides: str) -> TrainConfig:
-    base = OmegaConf.structured(TrainConfig)
+    """Judged as a command line would be (`trainer.runtime.cli.typed`): a bad value is a ConfigError."""
     dots = [f"data.shards={shards}", f"run_dir={run_dir}", *SMALL, *overrides]
-    return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist(dots)))
+    return typed(TrainConfig, OmegaConf.from_dotlist(dots))
 
 
 def _train_in_child(shards: Path, run_dir: Path, overrides: list[str]) -> None:
@@ -284,7 +284,7 @@ def test_milestone_past_the_last_step_names_the_setting(shards, tmp_path):
 
 def test_signal_before_the_trainer_exists_is_not_lost():
     """SLURM may signal a job while it still imports torch: recorded, then honoured by the StopFlag."""
-    from trainer import preempt
+    from trainer.runtime import signals as preempt
 
     saved = signal.getsignal(signal.SIGUSR2)
     try:

@@ -6,11 +6,10 @@ Layout of `directory` (one writer per directory: the main rank of one job):
     best.pt / best.done  copy of the state that scored the best metric, same marker scheme
     best.json            {step, metric, higher_is_better}: what best.pt holds; survives restarts
 
-Every file is written under a temporary name in the same directory, flushed, fsynced, renamed over the
-final name with `os.replace` (atomic on POSIX), and the directory is fsynced so the rename itself is
-durable. The marker is written only after its .pt is in place, so a process killed at any moment leaves
-either a complete pair or a .pt without a valid marker, which is never loaded. Size and sha256 in the
-marker also catch truncation and bit rot that happen after the save.
+Every file is written through `trainer.runtime.files.atomic_write` (temporary name, fsync, rename,
+directory fsync). The marker is written only after its .pt is in place, so a process killed at any
+moment leaves either a complete pair or a .pt without a valid marker, which is never loaded. Size and
+sha256 in the marker also catch truncation and bit rot that happen after the save.
 
 `latest()` only checks that the marker exists and the size agrees (cheap: no read of the data);
 `load()` checks the sha256 as well, and `load_latest()` walks back past corrupt checkpoints with a warning.
@@ -20,10 +19,11 @@ Python containers/scalars (see trainer/rng.py and the LambdaLR note in trainer/s
 save rather than at resume time.
 
 `save()` does no collectives: the caller puts a barrier after it before any rank reads the directory.
+What a training state holds, and its format version, is `trainer/state.py`'s business: this module
+stores and verifies any such dict.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -32,50 +32,25 @@ import math
 import operator
 import os
 import re
-import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainer.runtime.exits import UsageError
+from trainer.runtime.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 _STEP_FILE = re.compile(r"step-(\d+)\.(pt|done)")
-# Only our own temporaries: `{final name}.tmp.{pid}.{random}`, never other files a user keeps here.
-_TEMP_FILE = re.compile(r"(?:step-\d+|best)\.(?:pt|done|json)\.tmp\.")
+# Only our own temporaries (`.{final name}.tmp-{pid}-{random}`), never other files a user keeps here.
+_TEMP_FILE = re.compile(r"\.(?:step-\d+|best)\.(?:pt|done|json)\.tmp-")
 _BEST = "best"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or does not load with weights_only=True."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some network/FUSE filesystems refuse fsync on a directory; the rename is then as durable as
-        # that filesystem makes it, which is all we can get there.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(final: Path, data: bytes | memoryview) -> None:
-    tmp = final.with_name(f"{final.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
 
 
 def _marker_path(pt: Path) -> Path:
@@ -100,19 +75,15 @@ def _read_marker(pt: Path) -> dict[str, Any]:
 
 def _write_marked(pt: Path, data: memoryview, step: int, between: dict[Path, bytes] | None = None) -> None:
     """Write `pt` and then its marker; `between` files are written after the data, before the marker."""
-    marker = {
-        "step": step,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
     # Drop the old marker first: while the data is replaced the pair then reads as incomplete, never as
     # a marker describing other bytes (matters when a step or best.pt is overwritten).
     _marker_path(pt).unlink(missing_ok=True)
-    _write_atomic(pt, data)
+    digest = atomic_write(pt, data)
     for path, content in (between or {}).items():
-        _write_atomic(path, content)
-    _write_atomic(_marker_path(pt), json.dumps(marker).encode())
+        atomic_write(path, content)
+    marker = {"step": step, "bytes": len(data), "sha256": digest,
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write(_marker_path(pt), json.dumps(marker))
 
 
 def _check_step(step: int) -> int:
@@ -289,7 +260,7 @@ class Checkpointer:
                 self._unlink(_marker_path(pt))
                 self._unlink(pt)
         # With one writer per directory, any temporary still here was left by a killed process: ours
-        # are renamed or removed before _write_atomic returns.
+        # are renamed or removed before atomic_write returns.
         for name in os.listdir(self.directory):
             if _TEMP_FILE.match(name):
                 log.info("removing stale temporary %s", name)
@@ -328,11 +299,17 @@ class Checkpointer:
         return state
 
     def load_latest(self) -> dict[str, Any] | None:
-        """The newest checkpoint that loads, walking back past corrupt ones with a warning.
+        """The state of `load_newest()`, without its path."""
+        found = self.load_newest()
+        return None if found is None else found[1]
+
+    def load_newest(self) -> tuple[Path, dict[str, Any]] | None:
+        """(path, state) of the newest checkpoint that loads, walking back past corrupt ones with a warning.
 
         None only if no checkpoint has a marker at all (a fresh run, or one killed during its first
         save); CheckpointError if marked checkpoints exist but none loads, because silently starting
-        from scratch would throw the run's progress away.
+        from scratch would throw the run's progress away. `trainer.state.TrainingState.read_latest`
+        turns the state into a checked record.
         """
         scan = self._scan()
         unmarked = sorted(s for s, kinds in scan.items() if "done" not in kinds)
@@ -348,8 +325,8 @@ class Checkpointer:
                 log.warning("skipping unusable checkpoint %s: %s", path, e)
                 failed.append(path.name)
                 continue
-            log.info("resuming from %s", path)
-            return state
+            log.info("loading %s", path)
+            return path, state
         if failed:
             raise CheckpointError(f"no checkpoint in {self.directory} loads; tried (newest first): "
                                   f"{', '.join(failed)}")

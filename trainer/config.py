@@ -8,12 +8,72 @@ the config would be written to `config.yaml` and sent to W&B with the run's conf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from hydra.core.config_store import ConfigStore
+from trainer.runtime.choices import Choice
+from trainer.runtime.exits import ConfigError
 
-from shards.config import ConfigError
 
-BACKENDS = ("webdataset", "dali", "torchvision-gpu", "synthetic")  # loader.backend
+class Check(Choice):
+    sha256 = "sha256"
+    size = "size"
+    off = "off"
+
+
+class Augment(Choice):
+    none = "none"
+    trivialaugment = "trivialaugment"
+    colorjitter = "colorjitter"
+
+
+# webdataset | dali (trainer/data/dali.py) | torchvision-gpu (trainer/data/gpu_decode.py) | synthetic
+# The functional form, because OmegaConf matches a setting to a member by name and "torchvision-gpu"
+# is no identifier.
+Backend = Choice("Backend", [(n, n) for n in ("webdataset", "dali", "torchvision-gpu", "synthetic")])
+
+
+class DaliDevice(Choice):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class OptimName(Choice):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class ScheduleKind(Choice):
+    cosine = "cosine"
+    step = "step"
+
+
+class Precision(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class LoggerMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class LauncherKind(Choice):
+    local = "local"
+    slurm = "slurm"
+
+
+class SlurmSignal(Choice):
+    USR1 = "USR1"
+    USR2 = "USR2"
+    TERM = "TERM"
+
+
+class BagStrategy(Choice):
+    bootstrap = "bootstrap"
+    seed = "seed"
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -21,21 +81,17 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, key, f"must be one of {list(allowed)}, got {value!r}")
-
-
 @dataclass
 class DataConfig:
     shards: str = "???"
     train_split: str = "train"
     val_split: str | None = "val"   # null: no validation
-    check: str = "sha256"           # compare shards with the manifest before training: sha256 | size | off
+    check: Check = Check.sha256     # compare shards with the manifest before training: sha256 | size | off
     crop_size: int = 224
     eval_crop_ratio: float = 0.875  # eval resizes to crop_size / ratio, then centre-crops (224/256)
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     hflip: float = 0.5
-    augment: str = "none"           # none | trivialaugment | colorjitter
+    augment: Augment = Augment.none  # none | trivialaugment | colorjitter
     color_jitter: float = 0.4
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -52,8 +108,6 @@ class DataConfig:
     fraction_seed: int = 0
 
     def __post_init__(self) -> None:
-        _one_of(self.check, "data.check", ("sha256", "size", "off"))
-        _one_of(self.augment, "data.augment", ("none", "trivialaugment", "colorjitter"))
         _check(self.crop_size > 0, "data.crop_size", "must be > 0")
         _check(0 < self.eval_crop_ratio <= 1, "data.eval_crop_ratio", "must be in (0, 1]")
         _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "data.scale",
@@ -71,18 +125,18 @@ class DataConfig:
 
 @dataclass
 class DaliConfig:
-    device: str = "cpu"     # cpu (runs anywhere) | gpu (nvJPEG "mixed" decoding, augmentation on the GPU)
+    # cpu (runs anywhere) | gpu (nvJPEG "mixed" decoding, augmentation on the GPU)
+    device: DaliDevice = DaliDevice.cpu
     threads: int = 4        # DALI worker threads per rank
 
     def __post_init__(self) -> None:
-        _one_of(self.device, "loader.dali.device", ("cpu", "gpu"))
         _check(self.threads >= 1, "loader.dali.threads", "must be >= 1")
 
 
 @dataclass
 class LoaderConfig:
-    # webdataset | dali (trainer/dali.py) | torchvision-gpu (trainer/gpu_decode.py) | synthetic (no I/O)
-    backend: str = "webdataset"
+    # webdataset | dali (trainer/data/dali.py) | torchvision-gpu (trainer/data/gpu_decode.py) | synthetic
+    backend: Backend = Backend.webdataset
     batch_size: int = 64    # per rank and per micro-step; global batch = this x world x accum_steps
     workers: int = 4        # DataLoader processes per rank; 0 reads in the training process
     prefetch: int = 2       # batches queued per worker (DALI: per pipeline)
@@ -90,7 +144,6 @@ class LoaderConfig:
     dali: DaliConfig = field(default_factory=DaliConfig)
 
     def __post_init__(self) -> None:
-        _one_of(self.backend, "loader.backend", BACKENDS)
         _check(self.batch_size > 0, "loader.batch_size", "must be > 0")
         _check(self.workers >= 0, "loader.workers", "must be >= 0")
         _check(self.prefetch >= 1, "loader.prefetch", "must be >= 1")
@@ -111,7 +164,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"               # sgd | adamw
+    name: OptimName = OptimName.sgd  # sgd | adamw
     base_lr: float = 0.1            # lr for a global batch of base_batch (linear scaling rule)
     base_batch: int = 256
     momentum: float = 0.9
@@ -123,7 +176,6 @@ class OptimConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        _one_of(self.name, "optim.name", ("sgd", "adamw"))
         _check(self.base_lr > 0, "optim.base_lr", "must be > 0")
         _check(self.base_batch > 0, "optim.base_batch", "must be > 0")
         _check(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
@@ -136,7 +188,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "cosine"            # cosine | step
+    kind: ScheduleKind = ScheduleKind.cosine  # cosine | step
     warmup_epochs: float = 5.0      # gradual warmup, per iteration (Goyal et al. 2.2)
     # null: start at base_lr, i.e. base_batch / global_batch of the scaled lr, as in Goyal et al.
     warmup_start_factor: float | None = None
@@ -145,7 +197,6 @@ class ScheduleConfig:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, "schedule.kind", ("cosine", "step"))
         _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
         _check(self.warmup_start_factor is None or 0 <= self.warmup_start_factor <= 1,
                "schedule.warmup_start_factor", "must be in [0, 1] or null")
@@ -155,7 +206,7 @@ class ScheduleConfig:
 class TrainerConfig:
     epochs: int = 90
     max_steps: int | None = None    # total optimizer steps of the run across resumes; overrides epochs
-    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: Precision = Precision.auto  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
     log_every: int = 50             # steps between train metric lines
     eval_every: int = 1             # epochs between validations (and best-checkpoint updates)
@@ -169,7 +220,6 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "trainer.epochs", "must be > 0")
         _check(self.max_steps is None or self.max_steps > 0, "trainer.max_steps", "must be > 0 or null")
-        _one_of(self.precision, "trainer.precision", ("auto", "fp32", "bf16", "fp16"))
         _check(self.log_every > 0, "trainer.log_every", "must be > 0")
         _check(self.eval_every > 0, "trainer.eval_every", "must be > 0")
         _check(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
@@ -186,19 +236,16 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    mode: str = "offline"           # offline (compute nodes: `wandb sync` later) | online | disabled
+    mode: LoggerMode = LoggerMode.offline  # offline (compute nodes: `wandb sync` later) | online | disabled
     project: str = "taxotrain"
     name: str | None = None
-
-    def __post_init__(self) -> None:
-        _one_of(self.mode, "logger.mode", ("offline", "online", "disabled"))
 
 
 @dataclass
 class LauncherConfig:
     """Where the run executes: `local` (this process; torchrun/srun set the ranks) or `slurm` (Submitit)."""
 
-    kind: str = "local"             # local | slurm
+    kind: LauncherKind = LauncherKind.local  # local | slurm
     nodes: int = 1
     gpus_per_node: int = 0          # one task (rank) per GPU; 0: CPU nodes, tasks_per_node ranks each
     tasks_per_node: int = 1         # used when gpus_per_node is 0
@@ -212,7 +259,7 @@ class LauncherConfig:
     exclude: str | None = None
     setup: list[str] = field(default_factory=list)  # lines run before srun: module loads, venv activation
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # other #SBATCH options: {mail-type: END}
-    signal: str = "USR2"            # sent to every task signal_lead_s before the time limit
+    signal: SlurmSignal = SlurmSignal.USR2  # sent to every task signal_lead_s before the time limit
     signal_lead_s: int = 120        # time to finish a step and write a checkpoint
     max_requeues: int = 10          # preemptions/time limits after which the job is left to fail
     log_dir: str | None = None      # Submitit's folder (sbatch script, logs); default: run_dir/slurm
@@ -221,14 +268,12 @@ class LauncherConfig:
     dry_run: bool = False           # print the sbatch script that would be submitted; submit nothing
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, "launcher.kind", ("local", "slurm"))
         _check(self.nodes >= 1, "launcher.nodes", "must be >= 1")
         _check(self.gpus_per_node >= 0, "launcher.gpus_per_node", "must be >= 0")
         _check(self.tasks_per_node >= 1, "launcher.tasks_per_node", "must be >= 1")
         _check(self.cpus_per_task >= 1, "launcher.cpus_per_task", "must be >= 1")
         _check(self.mem_gb is None or self.mem_gb > 0, "launcher.mem_gb", "must be > 0 or null")
         _check(self.time_min >= 1, "launcher.time_min", "must be >= 1")
-        _check(self.signal in ("USR1", "USR2", "TERM"), "launcher.signal", "must be USR1, USR2 or TERM")
         _check(0 < self.signal_lead_s < self.time_min * 60, "launcher.signal_lead_s",
                f"must be in (0, launcher.time_min x 60 = {self.time_min * 60})")
         _check(self.max_requeues >= 0, "launcher.max_requeues", "must be >= 0")
@@ -242,29 +287,29 @@ class LauncherConfig:
 class PathsConfig:
     """Site paths, usually set once in the git-ignored conf/local/default.yaml."""
 
-    runs: str = "runs"              # where run directories go when run_dir is not given explicitly
+    runs: str = "runs"              # only `-m` sweeps use it: Hydra's multirun.yaml in <runs>/sweeps/<time>/
 
 
 @dataclass
 class BagConfig:
-    """`python -m launch.bag`: K members trained into run_dir/member-XX, recorded in run_dir/bag.json."""
+    """K members trained into run_dir/member-XX, recorded in run_dir/bag.json."""
 
     members: int = 2
-    strategy: str = "bootstrap"     # bootstrap: a Poisson(1) resample per member | seed: seeds only
+    # bootstrap: a Poisson(1) resample per member | seed: seeds only
+    strategy: BagStrategy = BagStrategy.bootstrap
     seed: int = 0                   # the bag's seed: member i trains with seed*1000 + i
     models: list[str] = field(default_factory=list)  # architectures, cycled over members; empty: model.name
     only: int | None = None         # train just this member (an array task); null: all of them
 
     def __post_init__(self) -> None:
         _check(self.members >= 1, "bag.members", "must be >= 1")
-        _one_of(self.strategy, "bag.strategy", ("bootstrap", "seed"))
         _check(self.only is None or 0 <= self.only < self.members, "bag.only",
                f"must be in [0, bag.members={self.members}) or null")
 
 
 @dataclass
 class CurveConfig:
-    """`python -m launch.learning_curve`: one run per training fraction into run_dir/fraction-F.FFF."""
+    """One run per training fraction into run_dir/fraction-F.FFF."""
 
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     eval_split: str = "test"        # each run's best checkpoint is evaluated on this split
@@ -287,6 +332,8 @@ class CurveConfig:
 
 @dataclass
 class TrainConfig:
+    """`python -m launch.train`: one training run into run_dir."""
+
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -296,19 +343,67 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    bag: BagConfig = field(default_factory=BagConfig)  # read by launch.bag only
-    curve: CurveConfig = field(default_factory=CurveConfig)  # read by launch.learning_curve only
-    run_dir: str = "???"
+    run_dir: str = "???"            # checkpoints, metrics, config.yaml; an existing run there is resumed
 
     def __post_init__(self) -> None:
         if "SIG" + self.launcher.signal not in self.trainer.signals:
             raise ConfigError(f"launcher.signal={self.launcher.signal} is not in trainer.signals="
                               f"{self.trainer.signals}: the job would be killed instead of checkpointing")
-        if self.schedule.kind == "step" and self.trainer.max_steps is None:
+        if self.schedule.kind == ScheduleKind.step and self.trainer.max_steps is None:
             _check(all(self.schedule.warmup_epochs <= m <= self.trainer.epochs
                        for m in self.schedule.milestones), "schedule.milestones",
                    f"must lie in [warmup_epochs, trainer.epochs={self.trainer.epochs}]")
+        if self.loader.backend == Backend.dali:
+            self._check_dali()
+        if self.loader.backend != Backend.synthetic:
+            _check_shards(self.data)
+
+    def _check_dali(self) -> None:
+        _check(self.data.augment == Augment.none, "data.augment",
+               f"{self.data.augment} is not available with loader.backend=dali (only random-resized-crop "
+               "and flips): use data.augment=none or loader.backend=webdataset")
+        _check(self.data.bootstrap_member is None and self.data.fraction >= 1, "loader.backend",
+               "dali reads every sample once per pass: bagging's bootstrap resample and data.fraction "
+               "need loader.backend=webdataset")
 
 
-def register() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+def _check_shards(data: DataConfig, *more: tuple[str, str | None]) -> None:
+    """The shard set exists and has the splits asked for: known before any process group or run_dir."""
+    from shards.info import InfoError, read_info  # not needed by synthetic runs
+
+    try:
+        info = read_info(Path(data.shards).expanduser())
+    except InfoError as err:
+        raise ConfigError(f"data.shards: {err}") from None
+    for key, split in (("data.train_split", data.train_split), ("data.val_split", data.val_split), *more):
+        if split is not None:
+            try:
+                info.split(split)
+            except InfoError as err:
+                raise ConfigError(f"{key}={split!r}: {err}") from None
+
+
+@dataclass
+class BagRunConfig(TrainConfig):
+    """`python -m launch.bag`: TrainConfig for every member, plus the bag."""
+
+    bag: BagConfig = field(default_factory=BagConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loader.backend == Backend.dali and self.bag.strategy == BagStrategy.bootstrap:
+            raise ConfigError("bag.strategy=bootstrap: loader.backend=dali cannot draw bootstrap resamples; "
+                              "use loader.backend=webdataset or bag.strategy=seed")
+
+
+@dataclass
+class CurveRunConfig(TrainConfig):
+    """`python -m launch.learning_curve`: TrainConfig for every run, plus the curve."""
+
+    curve: CurveConfig = field(default_factory=CurveConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.loader.backend == Backend.webdataset, "loader.backend",
+               f"{self.loader.backend}: a learning curve needs webdataset (data.fraction subsets)")
+        _check_shards(self.data, ("curve.eval_split", self.curve.eval_split))

@@ -22,25 +22,29 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shards.config import ConfigError
 from shards.keys import stable_hash
-from trainer import checkpoint, data, distributed, model, optim, provenance, rng, schedule, shardset
+from trainer import checkpoint, model, optim, rng, schedule
 from trainer.config import TrainConfig
-from trainer.data import Batch, DataError, EpochPosition, StreamConfig
-from trainer.distributed import DistEnv
-from trainer.gpu_decode import GpuDecodeLoader, RawStream
+from trainer.data import shardset
+from trainer.data import streams as data
+from trainer.data.gpu_decode import GpuDecodeLoader, RawStream
+from trainer.data.streams import Batch, DataError, EpochPosition, StreamConfig
+from trainer.data.transforms import AugmentConfig, Normalize, eval_transform, train_transform
 from trainer.metrics import MetricState
-from trainer.preempt import EXIT_PREEMPTED, Status, StopFlag, agree
-from trainer.tracker import Tracker
-from trainer.transforms import AugmentConfig, Normalize, eval_transform, train_transform
+from trainer.runtime import distributed
+from trainer.runtime.choices import plain
+from trainer.runtime.distributed import DistEnv
+from trainer.runtime.exits import EXIT_PREEMPTED, ConfigError
+from trainer.runtime.signals import Status, StopFlag, agree
+from trainer.state import TrainingState
+from trainer.tracking import provenance
+from trainer.tracking.tracker import Tracker
 
 if TYPE_CHECKING:
-    from trainer.dali import DaliLoader
+    from trainer.data.dali import DaliLoader
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +67,9 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.main = self.env.rank == 0
+        self.main = distributed.is_main(self.env)
         # resolved once: written to config.yaml, W&B and every checkpoint
-        self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        self.config_dict = plain(cfg)
         self.workers = max(1, cfg.loader.workers)  # DataLoader workers, or 1 reading in-process
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed(cfg.trainer.seed)
@@ -126,12 +130,9 @@ class Trainer:
                        else data.ShardLoader(stream, workers, pin, prefetch))
 
     def _dali_loader(self, train_set: shardset.ShardSet, batch: int, batches: int) -> DaliLoader:
-        from trainer import dali  # optional: imported only when chosen
+        from trainer.data import dali  # optional: imported only when chosen
 
-        cfg = self.cfg
-        if cfg.data.bootstrap_member is not None or cfg.data.fraction < 1:
-            raise ConfigError("loader.backend=dali reads every sample once per pass: bagging's bootstrap "
-                              "resample and data.fraction need loader.backend=webdataset")
+        cfg = self.cfg  # the schema refused what DALI cannot do (augment policies, bootstrap, fraction)
         gpu = cfg.loader.dali.device == "gpu"
         if gpu and self.device.type != "cuda":
             raise ConfigError("loader.dali.device=gpu needs a CUDA device; use loader.dali.device=cpu")
@@ -209,17 +210,19 @@ class Trainer:
             self.recipe.update(data_fraction=cfg.data.fraction, fraction_seed=cfg.data.fraction_seed)
 
     def _resume(self) -> str | None:
-        state = self.checkpoints.load_latest()
+        state = TrainingState.read_latest(self.checkpoints)
         if state is None:
             return None
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.position = self._restore_position(state["position"])
-        ranks = state["rng"]
+        # another model or class list: a message naming both runs, not a load_state_dict traceback
+        state.check_resume(self.cfg.model.name, self.classes, self.run_dir)
+        self.net.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        self.step, self.epoch = state.step, state.epoch
+        self.position = self._restore_position(state.position)
+        ranks = state.rng
         if len(ranks) == self.env.world_size:
             rng.restore(ranks[self.env.rank])
         else:
@@ -227,7 +230,7 @@ class Trainer:
                         self.env.world_size)
         log.info("resumed from step %d (epoch %d, batch %d of the epoch)", self.step, self.epoch,
                  self.position.batches)
-        return state.get("wandb_id")
+        return state.wandb_id
 
     def _restore_position(self, saved: dict) -> EpochPosition:
         batches = int(saved["batches"])
@@ -244,7 +247,7 @@ class Trainer:
         config = self.config_dict
         if self.main:
             provenance.write(self.run_dir, config, world_size=self.env.world_size, rank=self.env.rank)
-        self.tracker = Tracker(self.run_dir, is_main=self.main, mode=self.cfg.logger.mode,
+        self.tracker = Tracker(self.run_dir, is_main=self.main, mode=str(self.cfg.logger.mode),
                                project=self.cfg.logger.project, name=self.cfg.logger.name,
                                config={**config, "recipe": self.recipe}, run_id=wandb_id)
         if self.main:
@@ -396,10 +399,8 @@ class Trainer:
                     logits = self.net(self.normalize(batch.images))
                 state.update(logits.float(), batch.labels.to(self.device))
         self.net.train()
-        counts = torch.tensor([bad], dtype=torch.float64, device=self.device)
+        counts = distributed.all_sum(torch.tensor([bad], dtype=torch.float64, device=self.device))
         state.all_reduce()
-        if dist.is_initialized():
-            dist.all_reduce(counts)
         result = state.compute()
         result.update(split="val", epoch=self.epoch, bad_samples=int(counts.item()))
         self.tracker.log(result, self.step)
@@ -418,24 +419,24 @@ class Trainer:
                 "worker_batches": self.position.worker_batches or zeros,
                 "worker_consumed": self.position.worker_consumed or zeros, "rng": rng.capture()}
         ranks = _gather([mine])
-        state = {
-            "model": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "step": self.step,
-            "epoch": self.epoch,
-            "position": {"world": self.env.world_size, "workers": self.workers,
-                         "batches": mine["batches"], "offset": mine["offset"],
-                         "worker_batches": [r["worker_batches"] for r in ranks],
-                         "worker_consumed": [r["worker_consumed"] for r in ranks]},
-            "rng": [r["rng"] for r in ranks],
-            "wandb_id": self.tracker.run_id if self.tracker else None,
-            "classes": list(self.classes),
-            "config": self.config_dict,
-            "recipe": self.recipe,
-        }
-        self.checkpoints.save(state, self.step, metric=metric)
+        state = TrainingState(
+            model=self.net.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
+            step=self.step,
+            epoch=self.epoch,
+            position={"world": self.env.world_size, "workers": self.workers,
+                      "batches": mine["batches"], "offset": mine["offset"],
+                      "worker_batches": [r["worker_batches"] for r in ranks],
+                      "worker_consumed": [r["worker_consumed"] for r in ranks]},
+            rng=[r["rng"] for r in ranks],
+            wandb_id=self.tracker.run_id if self.tracker else None,
+            classes=tuple(self.classes),
+            config=self.config_dict,
+            recipe=self.recipe,
+        )
+        self.checkpoints.save(state.to_dict(), self.step, metric=metric)
         distributed.barrier()  # nobody exits (or is killed) before rank 0 has the file on disk
 
     def close(self, exit_code: int = 0) -> None:
@@ -463,10 +464,8 @@ class _Meter:
     def flush(self, world: int) -> dict:
         elapsed = time.perf_counter() - self.start
         local_n = int(self.state.n)
-        extra = torch.tensor([self.wait], dtype=torch.float64, device=self.device)
+        extra = distributed.all_sum(torch.tensor([self.wait], dtype=torch.float64, device=self.device))
         self.state.all_reduce()
-        if dist.is_initialized():
-            dist.all_reduce(extra)
         values = self.state.compute()
         record = {k: values[k] for k in ("loss", "top1", "top5", "mrr")}
         record.update(images_per_s=values["n"] / elapsed, images_per_s_rank=local_n / elapsed,
@@ -476,18 +475,14 @@ class _Meter:
 
 
 def _gather(items: list) -> list:
-    """Concatenation of every rank's list (the local list without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(items)
-    out: list[list] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
+    """Concatenation of every rank's list, on every rank."""
+    return [x for part in distributed.gather(items, everywhere=True) for x in part]
 
 
 def _precision(setting: str, device: torch.device) -> str:
     if setting == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    return setting
+    return str(setting)  # the plain value, not the Choice: it goes into the recipe and checkpoints
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -14,6 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
+from trainer.runtime.exits import UsageError
+
 log = logging.getLogger(__name__)
 
 # where torchvision and timm checkpoints nest their weights, and the prefixes DDP/compile add
@@ -21,7 +23,7 @@ _NESTED_KEYS = ("model", "state_dict", "model_state", "module")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class ModelError(ValueError):
+class ModelError(UsageError, ValueError):
     """The model name or weights file cannot be used; the message names it."""
 
 

@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from trainer.runtime.files import atomic_write
+
 REDACTED = "<redacted>"
 SECRET_PATTERN = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
 # scheme://user:password@host -> keep the user (useful) and drop the password.
@@ -90,20 +92,6 @@ def redact_mapping(d: Mapping) -> dict:
     }
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + fsync + os.replace: a killed job leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
     """`git -C <this package> ...`, or None when git cannot run at all (absent, hung)."""
     try:
@@ -164,7 +152,7 @@ def _plain(config: Mapping) -> dict:
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+        return OmegaConf.to_container(config, resolve=True, enum_to_str=True)  # type: ignore[return-value]
     return dict(config)
 
 
@@ -201,8 +189,8 @@ def write(run_dir: Path, config: Mapping, *, world_size: int, rank: int) -> Path
 
     run_dir, now = Path(run_dir), datetime.now(timezone.utc)
     record = collect(config, world_size=world_size, rank=rank, now=now)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(record["config"])))
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(record["config"])))
     path = _new_start_path(run_dir / "provenance", now)
     # default=str: an odd config value (a Path, an enum) must not cost the whole record.
-    write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write(path, json.dumps(record, indent=2, default=str) + "\n")
     return path

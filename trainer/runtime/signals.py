@@ -23,9 +23,6 @@ log = logging.getLogger(__name__)
 EARLY_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 _early: set[str] = set()  # signals received before the trainer's StopFlag existed
 
-# sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": the launcher requeues a
-# job that exits with this code; it means "checkpoint written, not finished".
-EXIT_PREEMPTED = 75
 
 
 class Status(IntEnum):

@@ -39,20 +39,21 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from shards.keys import stable_hash
 from shards.writer import index_path, read_index
-from trainer.shardset import Shard, ShardSet
-from trainer.transforms import BadSample, decode
+from trainer.data.shardset import Shard, ShardSet
+from trainer.data.shuffle import shuffled
+from trainer.data.transforms import BadSample, decode
+from trainer.runtime.exits import RunFailure
 
 TAR_BLOCK = 512  # a tar member's header; its data follows
 
 
-class DataError(RuntimeError):
+class DataError(RunFailure, RuntimeError):
     """The data cannot feed this run (too few shards, a shard too corrupt); names the shard/setting."""
 
 
@@ -309,7 +310,7 @@ class TrainStream(IterableDataset):
                                     + (f" in the data.fraction={fraction} subset: use fewer loader.workers "
                                        "or a larger fraction" if fraction < 1 else ""))
 
-        return wds.filters._shuffle(cycle(), self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)
+        return shuffled(cycle(), self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng)
 
     def _batches(self, logical: int, remaining: int, skip: int) -> Iterator[Batch]:
         stream = self._shuffled(logical)

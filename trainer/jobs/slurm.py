@@ -9,27 +9,37 @@ would checkpoint from inside the handler, is replaced by the trainer's as soon a
 
 `-m` sweeps with `launcher=slurm`: every sweep point is collected and `ArrayCallback` submits them
 together as one job array when the sweep ends.
+
+`launcher.dry_run=true` goes through the very same Submitit submission, with a stub `sbatch` first on
+PATH and a temporary Submitit folder, and prints the script Submitit handed to it (`#SBATCH --array`
+included) and what each task would run; nothing reaches SLURM and nothing is left in the log folder.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import enum
 import logging
+import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import submitit
 from hydra.experimental.callback import Callback
 
-from shards.config import ConfigError
-from trainer import distributed, shardset
 from trainer.config import LauncherConfig, TrainConfig
-from trainer.preempt import EXIT_PREEMPTED
+from trainer.runtime import distributed
+from trainer.runtime.exits import EXIT_PREEMPTED, ConfigError
 
-log = logging.getLogger("launch.slurm")
+log = logging.getLogger(__name__)
 _PENDING: list[TrainConfig] = []  # sweep points waiting for ArrayCallback
 
 
@@ -40,7 +50,7 @@ class TrainTask:
         self.cfg = cfg
 
     def __call__(self) -> int:
-        from launch.train import run  # the node imports torch, not the login node that pickled us
+        from trainer.jobs.run import run  # the node imports torch, not the login node that pickled us
 
         # no Hydra here (the config was resolved at submission): log to stdout, which Submitit keeps
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
@@ -72,7 +82,7 @@ def requeue(max_requeues: int) -> bool:
         log.error("job %s stopped with a checkpoint but was already requeued %d times "
                   "(launcher.max_requeues): not requeued; submit again to continue", job.job_id, job.restarts)
         return False
-    if distributed.detect().rank == 0:
+    if distributed.is_main():
         log.info("requeueing job %s (requeue %d of at most %d)", job.job_id, job.restarts + 1, max_requeues)
         subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=60)
     return True
@@ -89,15 +99,15 @@ def _await_kill(limit_s: float = 300) -> None:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """What can be known on the login node fails here, naming the setting, before a job waits in queue."""
-    if shutil.which("sbatch") is None:
+    """What can be known on the login node fails here, naming the setting, before a job waits in queue
+    (the schema has already checked the settings themselves, `data.shards` included).
+
+    A dry run submits nothing, so it also works off the cluster (to read the script first); there the
+    partition cannot be checked."""
+    on_cluster = shutil.which("sbatch") is not None
+    if not on_cluster and not cfg.launcher.dry_run:
         raise ConfigError("launcher=slurm: no sbatch on this machine (run from a SLURM login node)")
-    if cfg.loader.backend != "synthetic":
-        try:
-            shardset.read_info(Path(cfg.data.shards).expanduser())
-        except shardset.ShardSetError as err:
-            raise ConfigError(f"data.shards: {err}") from err
-    if cfg.launcher.partition:
+    if cfg.launcher.partition and on_cluster:
         known = partitions()
         if known and cfg.launcher.partition not in known:
             raise ConfigError(f"launcher.partition={cfg.launcher.partition!r} does not exist; "
@@ -155,17 +165,101 @@ def submit(cfg: TrainConfig) -> int:
     """Submit one training job; print its id and log path; with launcher.wait, its final state."""
     preflight(cfg)
     cfg = for_the_job(cfg)
-    ex = executor(cfg.launcher, log_folder(cfg))
     if cfg.launcher.dry_run:
-        print(dry_run_script(ex))
+        print(dry_run([cfg], log_folder(cfg)))
         return 0
-    job = ex.submit(TrainTask(cfg))
+    (job,) = queue(executor(cfg.launcher, log_folder(cfg)), [cfg])
     print(f"submitted SLURM job {job.job_id}\n  run_dir: {cfg.run_dir}\n  logs:    {job.paths.stdout}")
     return _wait(job) if cfg.launcher.wait else 0
 
 
-def dry_run_script(ex: submitit.SlurmExecutor) -> str:
-    return ex._make_submission_file_text(ex._submitit_command_str, "DRY-RUN")  # what submit() would send
+def queue(ex: submitit.SlurmExecutor, cfgs: list[TrainConfig]) -> list[submitit.Job]:
+    """One job, or one job array (task i runs cfgs[i]) for several: the only submission, dry runs too."""
+    with ex.batch():
+        jobs = [ex.submit(TrainTask(c)) for c in cfgs]
+    return jobs
+
+
+# Stand-ins for a dry run: sbatch answers what Submitit parses from its output (`job (\d+)`) and submits
+# nothing; srun only has to exist (SlurmExecutor looks for it), it runs inside the job, which never starts.
+_STUBS = {"sbatch": '#!/bin/sh\n# taxotrain dry run: no job is submitted\necho "Submitted batch job 1"\n',
+          "srun": '#!/bin/sh\necho "taxotrain dry run: not a SLURM srun" >&2\nexit 1\n'}
+
+
+def dry_run(cfgs: list[TrainConfig], folder: Path) -> str:
+    """The script sbatch would get for `cfgs` in Submitit folder `folder`, and what each task runs.
+
+    Submitit's ordinary submission (`queue`) runs against stub sbatch/srun in a temporary folder; the
+    script is read back from the job's `paths.submission_file`, each task's run from the pickle that
+    Submitit wrote for it. The temporary folder's path is then replaced by `folder` in the script.
+    """
+    # the folder appears shell-quoted in the script: a stand-in that quotes alike is replaced exactly
+    plain = shlex.quote(str(folder)) == str(folder)
+    with tempfile.TemporaryDirectory(prefix="taxotrain-dry-run-" if plain else "taxotrain dry run ") as tmp:
+        stubs, staging = Path(tmp) / "bin", Path(tmp) / "slurm"
+        stubs.mkdir()
+        for name, text in _STUBS.items():
+            (stubs / name).write_text(text)
+            (stubs / name).chmod(0o755)
+        with _first_on_path(stubs):
+            if shutil.which("sbatch") != str(stubs / "sbatch"):
+                raise RuntimeError(f"dry run: {stubs}/sbatch is not the one on PATH; nothing submitted")
+            jobs = queue(executor(cfgs[0].launcher, staging), cfgs)
+        script = jobs[0].paths.submission_file.read_text()
+        # what each task runs, as Submitit pickled it; an array task's job id is <array id>_<task id>
+        tasks = {j.job_id.partition("_")[2]: submitit.helpers.DelayedSubmission.load(j.paths.submitted_pickle)
+                 .function.cfg for j in jobs}
+    lines = [script.replace(str(staging), str(folder)).rstrip("\n"), "",
+             f"dry run: nothing submitted. sbatch would get the script above (Submitit folder: {folder}).",
+             *describe_tasks(tasks)]
+    return "\n".join(lines)
+
+
+def describe_tasks(tasks: dict[str, TrainConfig]) -> list[str]:
+    """Per array task (by SLURM_ARRAY_TASK_ID): its run_dir and the settings in which the tasks differ."""
+    if len(tasks) == 1:
+        return [f"one job: run_dir={cfg.run_dir}" for cfg in tasks.values()]
+    flat = {task: _flatten(dataclasses.asdict(cfg)) for task, cfg in tasks.items()}
+    keys = sorted({k for f in flat.values() for k in f} - {"run_dir"})
+    differ = [k for k in keys if len({repr(f.get(k)) for f in flat.values()}) > 1]
+    lines = [f"job array of {len(tasks)} tasks (SLURM_ARRAY_TASK_ID: run_dir and the settings that differ):"]
+    for task, f in flat.items():
+        settings = (f"{k}={_show(f.get(k))}" for k in differ)
+        lines.append(" ".join([f"  task {task}: run_dir={f['run_dir']}", *settings]))
+    return lines
+
+
+def _flatten(node: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _show(value: object) -> str:
+    """A value as it would be written on the command line."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@contextlib.contextmanager
+def _first_on_path(directory: Path) -> Iterator[None]:
+    """`directory` first on PATH for the subprocesses started meanwhile (Submitit runs `sbatch` so)."""
+    old = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(directory), *([old] if old else [])])
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
 
 
 def _wait(job: submitit.Job) -> int:
@@ -199,13 +293,10 @@ def submit_array(cfgs: list[TrainConfig], folder: Path) -> int:
     first = cfgs[0]
     if len({repr(c.launcher) for c in cfgs}) > 1:
         raise ConfigError("launcher.*: a job array needs the same launcher settings for every run")
-    ex = executor(first.launcher, folder)
     if first.launcher.dry_run:
-        print(dry_run_script(ex))
-        print(f"dry run: {len(cfgs)} array tasks; run_dirs: {[c.run_dir for c in cfgs]}")
+        print(dry_run(cfgs, folder))
         return 0
-    with ex.batch():
-        jobs = [ex.submit(TrainTask(c)) for c in cfgs]
+    jobs = queue(executor(first.launcher, folder), cfgs)
     print(f"submitted SLURM job array of {len(jobs)}: {[j.job_id for j in jobs]}\n  logs: {folder}")
     return max(_wait(j) for j in jobs) if first.launcher.wait else 0
 

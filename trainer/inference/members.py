@@ -22,10 +22,11 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from shards.config import ConfigError
 from trainer import model
 from trainer.checkpoint import Checkpointer
-from trainer.transforms import AugmentConfig, Normalize, eval_transform
+from trainer.data.transforms import AugmentConfig, Normalize, eval_transform
+from trainer.runtime.exits import ConfigError
+from trainer.state import TrainingState
 
 log = logging.getLogger(__name__)
 TTA = ("none", "hflip", "fivecrop", "tencrop")
@@ -64,18 +65,20 @@ def member_dirs(bag: Path, subset: list[str]) -> list[tuple[str, Path]]:
 
 def load_member(name: str, run_dir: Path, which: str, device: torch.device) -> Member:
     """A member in eval mode on `device`; `which` is best (the newest if there is none) or latest."""
-    checkpoints = Checkpointer(run_dir / "checkpoints", is_main=False)
-    best = run_dir / "checkpoints" / "best.pt"
-    state = Checkpointer.load(best) if which == "best" and best.is_file() else checkpoints.load_latest()
+    directory = run_dir / "checkpoints"
+    best = directory / "best.pt"
+    if which == "best" and best.is_file():
+        state = TrainingState.read(best)
+    else:
+        state = TrainingState.read_latest(Checkpointer(directory, is_main=False))
     if state is None:
-        raise ConfigError(f"member {name}: no checkpoint in {run_dir / 'checkpoints'}")
-    cfg = state["config"]
-    net = model.build(cfg["model"]["name"], len(state["classes"]))
-    net.load_state_dict(state["model"])
+        raise ConfigError(f"member {name}: no checkpoint in {directory}")
+    net = model.build(state.model_name, len(state.classes))
+    net.load_state_dict(state.model)
     net.to(device).eval()
-    norm = Normalize(cfg["data"]["mean"], cfg["data"]["std"]).to(device)
-    log.info("member %s: %s at step %d", name, cfg["model"]["name"], state["step"])
-    return Member(name, net, norm, list(state["classes"]), cfg, int(state["step"]))
+    norm = Normalize(state.config["data"]["mean"], state.config["data"]["std"]).to(device)
+    log.info("member %s: %s at step %d", name, state.model_name, state.step)
+    return Member(name, net, norm, list(state.classes), state.config, state.step)
 
 
 def load_bag(bag: str | Path, subset: list[str], which: str, device: torch.device) -> list[Member]:

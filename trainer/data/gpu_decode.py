@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from trainer.data import (
+from trainer.data.streams import (
     BadCounter,
     BadRecord,
     Batch,
@@ -42,7 +42,7 @@ from trainer.data import (
     TrainStream,
     seeded,
 )
-from trainer.transforms import BadSample, decode_bytes, parse_label
+from trainer.data.transforms import BadSample, decode_bytes, parse_label
 
 JPEG_KEYS = ("jpg", "jpeg")
 GPU_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG decodes to RGB; CMYK/YCCK go to the CPU

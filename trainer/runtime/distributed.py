@@ -17,6 +17,8 @@ from typing import Literal, TypeVar
 import torch
 import torch.distributed as dist
 
+from trainer.runtime.exits import UsageError
+
 Source = Literal["slurm", "torchrun", "single"]
 _T = TypeVar("_T")
 
@@ -44,7 +46,7 @@ _TASKS_ITEM = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
 _FIRST_BRACKET = re.compile(r"([^\[]*)\[([^\]]*)\](.*)")
 
 
-class DistEnvError(ValueError):
+class DistEnvError(UsageError, ValueError):
     """A partial or inconsistent launch environment; `variables` names the culprits."""
 
     def __init__(self, message: str, variables: tuple[str, ...] = ()) -> None:
@@ -285,19 +287,34 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def gather_to_main(obj: object) -> list | None:
-    """Every rank's `obj` on rank 0 (in rank order), None on the others; `[obj]` without a group.
-    For small Python results (prediction rows, feature tables), not for tensors on a hot path."""
+def is_main(env: DistEnv | None = None) -> bool:
+    """The one answer to "am I rank 0": of `env` when given, else of the process group, else of the
+    environment this process was launched in (so it holds before `init()` too)."""
+    if env is not None:
+        return env.rank == 0
+    return dist.get_rank() == 0 if _initialized() else detect().rank == 0
+
+
+def gather(obj: _T, everywhere: bool = False) -> list[_T] | None:
+    """Every rank's `obj` in rank order: on rank 0 only (None on the others), or on every rank with
+    `everywhere`; `[obj]` without a group. For small Python results (rows, problem lists, RNG
+    states), not for tensors on a hot path."""
     if not _initialized():
         return [obj]
-    out: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    if everywhere:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
 
 
-def is_main() -> bool:
-    """Rank 0, or the only process. Before init() every process counts as main."""
-    return not _initialized() or dist.get_rank() == 0
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over all ranks, in place (unchanged without a group); returned for chaining."""
+    if _initialized():
+        dist.all_reduce(values)
+    return values
 
 
 def barrier() -> None:

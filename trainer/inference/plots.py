@@ -6,7 +6,6 @@ a compute node does not have. Files are written to a temporary name and renamed,
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,17 +14,15 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from trainer.runtime.files import atomic_path
+
 # cells are annotated with counts up to this many classes; past it the numbers are unreadable
 ANNOTATE_MAX = 25
 
 
 def save(fig: Figure, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -7,10 +7,10 @@ log p equals the ranking of p, and the summed "loss" is then the negative log-li
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from trainer.metrics import MetricState
+from trainer.runtime import distributed
 
 COMBINE = ("mean", "geometric")
 # log(0) would make one confident wrong member dominate the NLL forever; clamp as sklearn's log_loss does
@@ -48,10 +48,8 @@ class Calibration:
         self.correct.index_add_(0, index, (pred == targets.to(pred.device)).double())
 
     def all_reduce(self) -> Calibration:
-        if dist.is_available() and dist.is_initialized():
-            flat = torch.cat([self.count, self.confidence, self.correct])
-            dist.all_reduce(flat)
-            self.count, self.confidence, self.correct = flat.split(self.bins)
+        flat = distributed.all_sum(torch.cat([self.count, self.confidence, self.correct]))
+        self.count, self.confidence, self.correct = flat.split(self.bins)
         return self
 
     def ece(self) -> float:

@@ -33,9 +33,10 @@ import torch
 
 from shards.keys import stable_hash
 from shards.writer import index_path
-from trainer.data import Batch, DataError, EpochPosition
-from trainer.shardset import ShardSet
-from trainer.transforms import AugmentConfig, BadSample, parse_label
+from trainer.data.shardset import ShardSet
+from trainer.data.streams import Batch, DataError, EpochPosition
+from trainer.data.transforms import AugmentConfig, BadSample, parse_label
+from trainer.runtime.exits import ConfigError
 
 INSTALL = ("DALI is not installed: pip install 'taxotrain[dali]' (nvidia-dali-cuda130; other CUDA "
            "versions: https://docs.nvidia.com/deeplearning/dali), or use loader.backend=webdataset")
@@ -59,13 +60,9 @@ class DaliLoader:
     def __init__(self, shardset: ShardSet, aug: AugmentConfig, batch_size: int, rank: int, world: int,
                  batches_per_epoch: int, seed: int, options: DaliOptions) -> None:
         if not available():
-            raise DataError(INSTALL)
-        if aug.augment != "none":
-            raise DataError(f"data.augment={aug.augment!r} is not available with loader.backend=dali "
-                            "(only random-resized-crop and flips): use data.augment=none or "
-                            "loader.backend=webdataset")
+            raise ConfigError(INSTALL)
         if options.device == "gpu" and options.device_id is None:
-            raise DataError("loader.dali.device=gpu needs a CUDA device on this rank")
+            raise ConfigError("loader.dali.device=gpu needs a CUDA device on this rank")
         self.shardset, self.aug, self.batch_size = shardset, aug, batch_size
         self.rank, self.world, self.seed, self.options = rank, world, seed, options
         self.batches_per_epoch = batches_per_epoch

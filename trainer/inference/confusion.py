@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from trainer.runtime import distributed
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,10 @@ class Confusion:
             self.pairs[divmod(code, self.num_classes)] += n
 
     def all_reduce(self) -> Confusion:
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[dict | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, dict(self.pairs))
-            self.pairs = Counter()
-            for part in gathered:
-                self.pairs.update(part or {})
+        gathered = distributed.gather(dict(self.pairs), everywhere=True)
+        self.pairs = Counter()
+        for part in gathered:
+            self.pairs.update(part)
         return self
 
     def rows(self) -> list[ClassRow]:

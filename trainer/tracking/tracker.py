@@ -44,7 +44,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from trainer.provenance import redact_mapping, write_text_atomic
+from trainer.runtime.files import atomic_write
+from trainer.tracking.provenance import redact_mapping
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class Tracker:
         if mode != "disabled":
             self.run_id = run_id or _read_text(self.run_dir / RUN_ID_FILE) or new_run_id()
             # Written before init: a job killed inside wandb.init must still resume the same run.
-            write_text_atomic(self.run_dir / RUN_ID_FILE, self.run_id + "\n")
+            atomic_write(self.run_dir / RUN_ID_FILE, self.run_id + "\n")
             self._run = self._start_wandb(mode, project, name, config, init_timeout_s, finish_timeout_s)
 
     def _start_wandb(
@@ -228,7 +229,7 @@ class Tracker:
         except json.JSONDecodeError:
             merged = {}
         merged.update(jsonable(values))  # type: ignore[arg-type]
-        write_text_atomic(path, json.dumps(merged, indent=2, allow_nan=False) + "\n")
+        atomic_write(path, json.dumps(merged, indent=2, allow_nan=False) + "\n")
         if self._run is not None:
             try:
                 self._run.summary.update(dict(values))

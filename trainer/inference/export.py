@@ -32,13 +32,14 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from shards.config import ConfigError
-from shards.writer import atomic_write, sha256_file
 from trainer import model
 from trainer.checkpoint import Checkpointer
-from trainer.members import member_dirs
-from trainer.provenance import git_state, package_versions, write_text_atomic
-from trainer.transforms import AugmentConfig, Normalize, eval_transform
+from trainer.data.transforms import AugmentConfig, Normalize, eval_transform
+from trainer.inference.members import member_dirs
+from trainer.runtime.exits import ConfigError, UsageError
+from trainer.runtime.files import atomic_write, sha256_file
+from trainer.state import TrainingState
+from trainer.tracking.provenance import git_state, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ _PREFIXES = ("module.", "_orig_mod.")  # added by DDP / torch.compile; our check
 _PACKAGES = ("taxotrain", "torch", "torchvision", "safetensors")
 
 
-class ExportError(ValueError):
+class ExportError(UsageError, ValueError):
     """An export file is missing, corrupt, tampered with or does not fit its model; names the file."""
 
 
@@ -72,39 +73,38 @@ def export_bag(bag: Path, subset: list[str], which: str, out: Path | None = None
             raise ConfigError(f"member {meta['name']} has other classes than {metas[0]['name']}")
     record = {
         "format": BAG_FORMAT,
-        "combine": "mean",  # of the members' softmax probabilities (trainer.ensemble.combine)
+        "combine": "mean",  # of the members' softmax probabilities (trainer.inference.ensemble.combine)
         "classes": metas[0]["classes"],
         "source": str(bag.resolve()),
         "members": [{"name": m["name"], "meta": f"{m['name']}.json", "weights": m["weights"]["file"],
                      "model": m["model"]} for m in metas],
     }
-    write_text_atomic(out / "bag.json", json.dumps(record, indent=1) + "\n")
+    atomic_write(out / "bag.json", json.dumps(record, indent=1) + "\n")
     return out, metas
 
 
 def export_member(name: str, run_dir: Path, which: str, out: Path) -> dict:
     """Write `<out>/<name>.safetensors` and `<out>/<name>.json` from the member's chosen checkpoint."""
     source = source_checkpoint(name, run_dir, which)
-    state = Checkpointer.load(source)  # checks the checkpoint's size and sha256 against its marker
-    cfg = state["config"]
+    state = TrainingState.read(source)  # checks the checkpoint's size and sha256 against its marker
     weights = out / f"{name}.safetensors"
-    tensors = plain_state_dict(state["model"])
-    header = {"format": "pt", "taxotrain_format": FORMAT, "model": cfg["model"]["name"]}
+    tensors = plain_state_dict(state.model)
+    header = {"format": "pt", "taxotrain_format": FORMAT, "model": state.model_name}
     _save_atomic(tensors, weights, header)
     meta = {
         "format": FORMAT,
         "name": name,
-        "model": cfg["model"]["name"],
-        "num_classes": len(state["classes"]),
-        "classes": list(state["classes"]),
-        "input": input_meta(cfg["data"]),
-        "step": int(state["step"]),
+        "model": state.model_name,
+        "num_classes": len(state.classes),
+        "classes": list(state.classes),
+        "input": input_meta(state.config["data"]),
+        "step": state.step,
         "weights": {"file": weights.name, "sha256": sha256_file(weights), "tensors": len(tensors)},
         "source": {"checkpoint": str(source.resolve()), "sha256": sha256_file(source), "requested": which},
         "software": {**package_versions(_PACKAGES), "git": git_state()},
         "exported_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_text_atomic(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
+    atomic_write(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
     log.info("exported %s (%s, step %d) from %s to %s", name, meta["model"], meta["step"], source, weights)
     return meta
 
@@ -135,7 +135,7 @@ def plain_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def input_meta(data: dict[str, Any]) -> dict[str, Any]:
-    """How an image must be prepared, as `trainer.transforms.eval_transform` + `Normalize` do it."""
+    """How an image must be prepared, as `trainer.data.transforms.eval_transform` + `Normalize` do it."""
     crop, ratio = int(data["crop_size"]), float(data["eval_crop_ratio"])
     return {
         "crop_size": crop,

@@ -1,0 +1,81 @@
+"""One split of a shard directory, as `_info.json` (read by `shards.info`) describes it.
+
+The manifest, not a directory listing, is the truth: a truncated tar still reads without error in
+WebDataset, so only the recorded bytes, sha256 and sample counts can catch it before training.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from shards.info import InfoError as ShardSetError  # noqa: F401 - what callers of load() catch
+from shards.info import read_info
+from trainer.runtime.files import sha256_file
+
+CheckMode = Literal["sha256", "size", "off"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    num_samples: int
+    bytes: int | None = None
+    sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    root: Path
+    split: str
+    shards: tuple[Shard, ...]
+    classes: tuple[str, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load(root: str | Path, split: str) -> ShardSet:
+    """The shards of `split`; an absent or empty split is an error that lists the splits present."""
+    root = Path(root).expanduser()
+    info = read_info(root)
+    entries = info.split(split).shards
+    shards = tuple(Shard(root / s.filename, s.num_samples, s.bytes, s.sha256) for s in entries)
+    return ShardSet(root, split, shards, info.classes)
+
+
+def check(shards: Sequence[Shard], mode: CheckMode) -> list[str]:
+    """One line per shard that disagrees with the manifest (missing, wrong size, wrong sha256)."""
+    if mode not in ("sha256", "size", "off"):
+        raise ValueError(f"data.check must be sha256, size or off, got {mode!r}")
+    problems: list[str] = []
+    if mode == "off":
+        return problems
+    for shard in shards:
+        problem = _check_one(shard, mode)
+        if problem:
+            problems.append(f"{shard.path}: {problem}")
+    return problems
+
+
+def _check_one(shard: Shard, mode: CheckMode) -> str | None:
+    if not shard.path.is_file():
+        return "missing"
+    size = shard.path.stat().st_size
+    if shard.bytes is not None and size != shard.bytes:
+        return f"{size} bytes, manifest says {shard.bytes} (truncated or rewritten?)"
+    if mode == "sha256" and shard.sha256 is not None:
+        digest = sha256_file(shard.path)
+        if digest != shard.sha256:
+            return f"sha256 {digest[:12]}..., manifest says {shard.sha256[:12]}..."
+    return None

@@ -1,0 +1,192 @@
+"""Evaluate a bag on a labelled split: each member and the ensemble, with reports and plots.
+
+Loads every member of a bag (`bag.json`) or a single run directory (`trainer/members.py`), runs
+them on the same batches, optionally with test-time augmentation (`tta=hflip|fivecrop|tencrop`),
+combines their probabilities (`combine=mean|geometric`) and writes into the bag directory (or
+`out=DIR`): `report.json`, `report.md`, `per_class.csv`, `confusion.png` and `reliability.png`;
+with `logger.mode=offline|online` also to W&B. Runs in-process, under torchrun or as srun tasks:
+every sample is evaluated exactly once across ranks and the sums are reduced at the end.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.data import shardset
+from trainer.data import streams as data
+from trainer.inference import plots as plots_mod
+from trainer.inference.config import EvaluateConfig
+from trainer.inference.confusion import Confusion
+from trainer.inference.ensemble import ProbabilityMetrics, combine
+from trainer.inference.members import augment_config, input_transform, load_bag, probabilities
+from trainer.runtime import distributed
+from trainer.runtime.choices import plain
+from trainer.runtime.exits import ConfigError
+from trainer.runtime.files import atomic_write
+from trainer.tracking.tracker import Tracker, jsonable
+
+log = logging.getLogger(__name__)
+SUMMARY_KEYS = ("top1", "top5", "mrr", "balanced_acc", "macro_top5", "nll", "ece", "n")
+FILES = {"json": "report.json", "md": "report.md", "csv": "per_class.csv", "confusion": "confusion.png",
+         "reliability": "reliability.png"}
+
+
+
+
+@torch.no_grad()
+def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -> dict:
+    """The report (see `FILES`) as a dict; the same on every rank."""
+    members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
+    split = shardset.load(cfg.data.shards, cfg.data.split)
+    if members[0].classes != list(split.classes):
+        raise ConfigError(f"the bag was trained on other classes than {cfg.data.shards} has")
+    unknown = sorted(set(cfg.exclude_classes) - set(split.classes))
+    if unknown:
+        raise ConfigError(f"exclude_classes: {unknown} are not classes of {cfg.data.shards}")
+    transform = input_transform(augment_config(members[0]), cfg.tta)
+    stream = data.EvalStream(split, transform, cfg.batch_size, rank, world, cfg.workers,
+                             members[0].config["data"]["max_bad_fraction"])
+    excluded = torch.tensor([split.classes.index(c) for c in cfg.exclude_classes], dtype=torch.int64)
+    num_classes = len(split.classes)
+    metrics = {m.name: ProbabilityMetrics(num_classes, device) for m in members}
+    ensemble = ProbabilityMetrics(num_classes, device)
+    confusion = Confusion(num_classes)
+    bad = 0
+    for batch in data.eval_batches(stream, cfg.workers):
+        bad += len(batch.bad)
+        keep = ~torch.isin(batch.labels, excluded)
+        if not bool(keep.any()):
+            continue
+        labels, images = batch.labels[keep].to(device), batch.images[keep]
+        probs = [probabilities(m, images, cfg.tta) for m in members]
+        for m, p in zip(members, probs):
+            metrics[m.name].update(p, labels)
+        combined = combine(probs, cfg.combine)
+        ensemble.update(combined, labels)
+        confusion.update(combined, labels)
+    member_values = {name: state.all_reduce().compute() for name, state in metrics.items()}
+    report = {"split": cfg.data.split, "combine": cfg.combine, "tta": cfg.tta, "checkpoint": cfg.checkpoint,
+              "excluded_classes": list(cfg.exclude_classes), "classes": list(split.classes),
+              "members": member_values, "ensemble": ensemble.all_reduce().compute(),
+              "bad_samples": _sum_over_ranks(bad, device)}
+    confusion.all_reduce()
+    report["reliability"] = {"ensemble": ensemble.calibration.diagram(),
+                             **{name: state.calibration.diagram() for name, state in metrics.items()}}
+    report["per_class"] = per_class(report, confusion)
+    report["most_confused"] = [{"true": split.classes[t], "predicted": split.classes[p], "count": n,
+                                "of_true": n / report["per_class"][t]["support"]}
+                               for t, p, n in confusion.most_confused(cfg.confused_pairs)]
+    shown = confusion.shown_classes(cfg.plot_classes)
+    report["confusion"] = {"classes": [split.classes[c] for c in shown],
+                           "counts": confusion.matrix(shown).tolist()}
+    return report
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    return int(distributed.all_sum(torch.tensor([value], dtype=torch.float64, device=device)).item())
+
+
+def per_class(report: dict, confusion: Confusion) -> list[dict]:
+    """One row per class: the ensemble's support/precision/recall/F1/top-5 recall, each member's recall."""
+    top5 = report["ensemble"]["per_class_top5"]
+    rows = []
+    for row in confusion.rows():
+        name = report["classes"][row.index]
+        values = {"class": name, "support": row.support, "predicted": row.predicted, "correct": row.correct,
+                  "precision": row.precision, "recall": row.recall, "f1": row.f1,
+                  "top5_recall": top5[row.index], "excluded": name in report["excluded_classes"]}
+        values.update({f"recall.{m}": v["per_class_recall"][row.index] for m, v in report["members"].items()})
+        rows.append(values)
+    return rows
+
+
+def markdown(report: dict, files: dict[str, Path] | None = None) -> str:
+    rows = [*report["members"].items(), ("**ensemble**", report["ensemble"])]
+    title = f"# Evaluation on `{report['split']}` ({report['combine']} of probabilities, TTA {report['tta']})"
+    header = "| model | " + " | ".join(SUMMARY_KEYS) + " |"
+    lines = [title, "", header, "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
+    for name, values in rows:
+        cells = [f"{values[k]:.4f}" if isinstance(values[k], float) else str(values[k]) for k in SUMMARY_KEYS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report["most_confused"]:
+        lines += ["", "## Most confused pairs (ensemble)", "", "| true | predicted | count | of true class |",
+                  "|---|---|---:|---:|"]
+        lines += [f"| {c['true']} | {c['predicted']} | {c['count']} | {c['of_true']:.1%} |"
+                  for c in report["most_confused"][:10]]
+    if report["excluded_classes"]:
+        lines += ["", f"Excluded from the summary: {', '.join(report['excluded_classes'])}."]
+    if report["bad_samples"]:
+        lines += ["", f"{report['bad_samples']} undecodable sample(s) were skipped."]
+    if files:
+        lines += ["", "Files: " + ", ".join(f"`{p.name}`" for p in files.values())]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path, plots: bool) -> dict[str, Path]:
+    """Every report file into `out`; returns their paths by kind."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {kind: out / name for kind, name in FILES.items() if plots or not name.endswith(".png")}
+    text = json.dumps(jsonable(report), indent=1, allow_nan=False)  # NaN (a class without samples) -> "nan"
+    atomic_write(files["json"], text + "\n")
+    atomic_write(files["md"], markdown(report, files))
+    atomic_write(files["csv"], _csv(report["per_class"]))
+    if plots:
+        n_classes = len(report["classes"])
+        shown = report["confusion"]["classes"]
+        support = [report["per_class"][report["classes"].index(c)]["support"] for c in shown]
+        title = (f"Ensemble confusion on {report['split']}" if len(shown) == n_classes else
+                 f"Ensemble confusion: the {len(shown)} of {n_classes} classes with the most errors")
+        plots_mod.confusion_png(files["confusion"], np.asarray(report["confusion"]["counts"]), shown, support,
+                                title)
+        eces = {"ensemble": report["ensemble"]["ece"], **{m: v["ece"] for m, v in report["members"].items()}}
+        plots_mod.reliability_png(files["reliability"], report["reliability"], eces, "ensemble")
+    return files
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def log_to_wandb(cfg: EvaluateConfig, report: dict, files: dict[str, Path], out: Path) -> None:
+    name = cfg.logger.name or f"evaluate-{Path(cfg.bag).resolve().name}-{cfg.data.split}"
+    config = {"evaluate": jsonable(plain(cfg))}
+    with Tracker(out, is_main=True, mode=cfg.logger.mode, project=cfg.logger.project, name=name,
+                 config=config) as tracker:
+        scalars = {f"{model}/{k}": values[k] for model, values in
+                   [("ensemble", report["ensemble"]), *report["members"].items()] for k in SUMMARY_KEYS}
+        tracker.summary(scalars)
+        columns = ["model", *SUMMARY_KEYS]
+        table = [[model, *(values[k] for k in SUMMARY_KEYS)]
+                 for model, values in [*report["members"].items(), ("ensemble", report["ensemble"])]]
+        per_class_rows = report["per_class"]
+        tables = {"summary": (columns, table),
+                  "per_class": (list(per_class_rows[0]), [list(r.values()) for r in per_class_rows])}
+        images = {k: files[k] for k in ("confusion", "reliability") if k in files}
+        tracker.media(images, tables, step=0)
+
+
+def run(cfg: EvaluateConfig) -> int:
+    env = distributed.detect()
+    device = distributed.init(env, cfg.dist_timeout_s)
+    try:
+        report = evaluate(cfg, env.rank, env.world_size, device)
+        if distributed.is_main(env):
+            out = Path(cfg.out or cfg.bag)
+            files = write_report(report, out, cfg.plots)
+            if cfg.logger.mode != "disabled":
+                log_to_wandb(cfg, report, files, out)
+            print(markdown(report) + "\nwritten: " + ", ".join(str(p) for p in files.values()))
+        return 0
+    finally:
+        distributed.cleanup()

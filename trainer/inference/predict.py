@@ -1,0 +1,266 @@
+"""Predict new images with a bag: the ensemble's top-k classes per image.
+
+`input` is a folder of images (searched recursively; hidden files ignored as `shards.build` does) or
+a shard directory (`_info.json`, `split=test`), labelled or not. The table has one row per readable
+image, in input order (sorted relative paths; shard samples by key), with `class_1, prob_1, ...,
+class_k, prob_k`: ready for a person to validate (EcoTaxa's "predicted" category). An image that
+cannot be read is never dropped: it goes to the sibling `*.unreadable.tsv` with the reason, and the
+summary reconciles `N inputs = P predicted + U unreadable`. Default out: `BAG/predictions.tsv`
+(never inside the image folder); a name ending in `.csv` writes CSV. Runs in-process, under
+torchrun or as srun tasks: rank r predicts every world-th image (shards: EvalStream's deal), and
+rank 0 gathers the rows and writes both files atomically.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from shards import images as shard_images
+from shards.sources import walk  # the same hidden-file rules as shards.build's listing
+from trainer.data import shardset
+from trainer.data import streams as data
+from trainer.data.transforms import BadSample, decode_bytes
+from trainer.inference.config import PredictConfig
+from trainer.inference.ensemble import combine
+from trainer.inference.members import (
+    Member,
+    augment_config,
+    input_transform,
+    load_bag,
+    probabilities,
+)
+from trainer.runtime import distributed
+from trainer.runtime.exits import ConfigError
+from trainer.runtime.files import atomic_write
+
+log = logging.getLogger(__name__)
+# torchvision decodes these; BMP and TIFF go through PIL as shards.build stores them (re-encoded as PNG)
+DECODED = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif")
+CONVERTED = (".bmp", ".tif", ".tiff")
+MAX_PIXELS = 89_478_485  # shards.build's default decompression-bomb limit, for the PIL path
+
+
+
+
+class Row(NamedTuple):
+    key: str                  # folder input: the relative path
+    path: str
+    classes: tuple[str, ...]
+    probs: tuple[float, ...]
+
+
+class Result(NamedTuple):
+    inputs: int
+    rows: list[Row]
+    unreadable: list[data.BadRecord]
+    skipped: Counter          # folder input: files that are not images, by extension
+    k: int                    # classes per row (top_k clipped to the number of classes)
+
+
+# ---------------------------------------------------------------- folder input
+
+
+def list_images(root: Path) -> tuple[list[str], Counter]:
+    """Sorted relative paths of the image files under `root`, and the other files' extensions."""
+    if not root.is_dir():
+        raise ConfigError(f"input: {root} is neither a folder of images nor a shard directory (_info.json)")
+    found, skipped = [], Counter()
+    for f in walk(root):
+        suffix = f.suffix.lower()
+        if suffix in DECODED or suffix in CONVERTED:
+            found.append(f.relative_to(root).as_posix())
+        else:
+            skipped[suffix or "(none)"] += 1
+    if not found:
+        raise ConfigError(f"input: no images in {root} (looked for {' '.join(DECODED + CONVERTED)}; "
+                          f"found {dict(skipped) or 'no files'})")
+    return sorted(found), skipped
+
+
+def read_image(path: Path) -> Tensor:
+    """uint8 [3, H, W] RGB from an image file; `BadSample` says why it cannot be used."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise BadSample(f"unreadable file: {err.strerror or err}") from err
+    if not raw:
+        raise BadSample("empty file (0 bytes)")
+    try:
+        return decode_bytes(raw, "image")
+    except BadSample:
+        return decode_bytes(_via_pil(raw, path.name), "image")
+
+
+def _via_pil(raw: bytes, name: str) -> bytes:
+    """What shards.build would store: BMP/TIFF re-encoded as PNG; its reason when PIL fails too."""
+    try:
+        return shard_images.prepare(raw, name, None, 95, MAX_PIXELS).data
+    except shard_images.BadImage as err:
+        raise BadSample(str(err)) from None
+
+
+class FolderStream(IterableDataset):
+    """This rank's images as evaluation `Batch`es (key and meta["path"]: the relative path)."""
+
+    def __init__(self, root: Path, paths: list[str], transform: Callable[[Tensor], Tensor],
+                 batch_size: int) -> None:
+        super().__init__()
+        self.root, self.paths, self.transform, self.batch_size = root, paths, transform, batch_size
+
+    def __iter__(self) -> Iterator[data.Batch]:
+        info = get_worker_info()
+        mine = self.paths[info.id::info.num_workers] if info else self.paths
+        images: list[Tensor] = []
+        keys: list[str] = []
+        bad: list[data.BadRecord] = []
+        for rel in mine:
+            try:
+                images.append(self.transform(read_image(self.root / rel)))
+                keys.append(rel)
+            except BadSample as err:
+                bad.append(data.BadRecord("", rel, str(err)))
+            if len(images) == self.batch_size:
+                yield _batch(images, keys, bad)
+                images, keys, bad = [], [], []
+        if images or bad:
+            yield _batch(images, keys, bad)
+
+
+def _batch(images: list[Tensor], keys: list[str], bad: list[data.BadRecord]) -> data.Batch:
+    stacked = torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
+    return data.Batch(stacked, torch.full((len(keys),), -1, dtype=torch.int64), tuple(bad),
+                      keys=tuple(keys), meta=tuple({"path": k} for k in keys))
+
+
+def _shared_listing(root: Path, rank: int) -> tuple[list[str], Counter]:
+    """Rank 0 lists the folder once; every rank gets the same listing, or the same error."""
+    payload: list = [None]
+    if distributed.is_main():
+        try:
+            payload[0] = list_images(root)
+        except ConfigError as err:
+            payload[0] = str(err)
+    if distributed.initialized():
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise ConfigError(payload[0])
+    return payload[0]
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def batches(cfg: PredictConfig, members: list[Member], rank: int, world: int
+            ) -> tuple[int, Counter, Iterable[data.Batch]]:
+    """(inputs in total, skipped files, this rank's batches) for either kind of input."""
+    transform = input_transform(augment_config(members[0]), cfg.tta)
+    if cfg.is_shards:
+        split = shardset.load(cfg.input, cfg.split)
+        # max_bad_fraction=1: every bad sample is listed as unreadable instead of stopping the run
+        stream = data.EvalStream(split, transform, cfg.batch_size, rank, world, cfg.workers, 1.0,
+                                 labelled=False)
+        return split.num_samples, Counter(), data.eval_batches(stream, cfg.workers)
+    paths, skipped = _shared_listing(Path(cfg.input), rank)
+    stream = FolderStream(Path(cfg.input), paths[rank::world], transform, cfg.batch_size)
+    return len(paths), skipped, data.eval_batches(stream, cfg.workers)
+
+
+@torch.no_grad()
+def predict_rows(stream: Iterable[data.Batch], members: list[Member], cfg: PredictConfig
+                 ) -> tuple[list[Row], list[data.BadRecord]]:
+    classes = members[0].classes
+    k = min(cfg.top_k, len(classes))
+    rows: list[Row] = []
+    bad: list[data.BadRecord] = []
+    for batch in stream:
+        bad += batch.bad
+        if not batch.keys:
+            continue
+        probs = combine([probabilities(m, batch.images, cfg.tta) for m in members], cfg.combine)
+        top = probs.topk(k, dim=1)
+        for key, meta, p, i in zip(batch.keys, batch.meta, top.values.tolist(), top.indices.tolist()):
+            rows.append(Row(key, str(meta.get("path", "")), tuple(classes[j] for j in i), tuple(p)))
+    return rows, bad
+
+
+def predict(cfg: PredictConfig, rank: int, world: int, device: torch.device) -> Result | None:
+    """Every rank predicts its share; rank 0 gets the whole result (in input order), the others None."""
+    members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
+    inputs, skipped, stream = batches(cfg, members, rank, world)
+    start = time.monotonic()
+    rows, bad = predict_rows(stream, members, cfg)
+    seconds = time.monotonic() - start
+    parts = distributed.gather((rows, bad))
+    if parts is None:
+        return None
+    log.info("%d members, tta=%s, combine=%s: rank 0 predicted %d images in %.1f s", len(members), cfg.tta,
+             cfg.combine, len(rows), seconds)
+    rows = sorted((r for part_rows, _ in parts for r in part_rows), key=lambda r: r.key)
+    bad = sorted((b for _, part_bad in parts for b in part_bad), key=lambda b: b.key)
+    if len(rows) + len(bad) != inputs:  # a lost or doubled image must never pass unnoticed
+        raise data.DataError(f"{inputs} inputs but {len(rows)} predicted + {len(bad)} unreadable")
+    return Result(inputs, rows, bad, skipped, min(cfg.top_k, len(members[0].classes)))
+
+
+# ---------------------------------------------------------------- output
+
+
+def table(header: list[str], rows: Iterable[list[str]], delimiter: str) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def unreadable_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.unreadable{out.suffix or '.tsv'}")
+
+
+def write(result: Result, out: Path, shards: bool) -> Path:
+    """The predictions table and its `.unreadable` sibling (always written: no stale file survives)."""
+    delimiter = "," if out.suffix.lower() == ".csv" else "\t"
+    header = ["key", "path"] if shards else ["path"]
+    header += [name for i in range(1, result.k + 1) for name in (f"class_{i}", f"prob_{i}")]
+    lines = ([*([r.key, r.path] if shards else [r.path]),
+              *[v for c, p in zip(r.classes, r.probs) for v in (c, f"{p:.6f}")]] for r in result.rows)
+    atomic_write(out, table(header, lines, delimiter))
+    bad_header = ["key", "shard", "reason"] if shards else ["path", "reason"]
+    bad_lines = ([b.key, b.shard, b.reason] if shards else [b.key, b.reason] for b in result.unreadable)
+    sibling = unreadable_path(out)
+    atomic_write(sibling, table(bad_header, bad_lines, delimiter))
+    return sibling
+
+
+def summary(result: Result, out: Path, sibling: Path) -> str:
+    text = (f"{result.inputs} inputs = {len(result.rows)} predicted + {len(result.unreadable)} unreadable\n"
+            f"predictions: {out}\nunreadable: {sibling}")
+    if result.skipped:
+        kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(result.skipped.items()))
+        text += f"\nnot images (by extension), not counted: {kinds}"
+    return text
+
+
+def run(cfg: PredictConfig) -> int:
+    env = distributed.detect()
+    device = distributed.init(env, cfg.dist_timeout_s)
+    try:
+        result = predict(cfg, env.rank, env.world_size, device)
+        if result is not None:
+            out = cfg.out_path()
+            sibling = write(result, out, cfg.is_shards)
+            print(summary(result, out, sibling))
+        return 0
+    finally:
+        distributed.cleanup()

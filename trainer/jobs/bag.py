@@ -1,0 +1,76 @@
+"""A bag of K members: each an ordinary, resumable training run in `run_dir/member-XX`.
+
+Member i trains with seed `bag.seed * 1000 + i`; with `bag.strategy=bootstrap` also on its own
+Poisson(1) bootstrap resample of the training split (`trainer/data/streams.py: bootstrap_count`),
+and `bag.models` can give members different architectures. `run_dir/bag.json` lists the members.
+Locally the members train one after the other (each with all ranks, under torchrun or srun); with
+`launcher=slurm` they go out as one job array; `bag.only=i` trains member i alone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import fields, replace
+from pathlib import Path
+
+from trainer import config as schema
+from trainer.jobs.run import run
+from trainer.runtime import distributed
+from trainer.runtime.files import atomic_write
+
+log = logging.getLogger(__name__)
+BAG_FILE = "bag.json"
+
+
+def member_name(index: int) -> str:
+    return f"member-{index:02d}"
+
+
+def member_config(cfg: schema.BagRunConfig, index: int) -> schema.TrainConfig:
+    """Member `index` of the bag: its own run directory, seed, resample and (optionally) architecture."""
+    bag = cfg.bag
+    model = replace(cfg.model, name=bag.models[index % len(bag.models)]) if bag.models else cfg.model
+    data = replace(cfg.data, bootstrap_member=index if bag.strategy == schema.BagStrategy.bootstrap else None,
+                   bootstrap_seed=bag.seed)
+    trainer = replace(cfg.trainer, seed=bag.seed * 1000 + index)
+    return replace(training_part(cfg), model=model, data=data, trainer=trainer,
+                   run_dir=str(Path(cfg.run_dir) / member_name(index)))
+
+
+def training_part(cfg: schema.TrainConfig) -> schema.TrainConfig:
+    """The plain training config inside a bag's or a curve's: what each of their runs records."""
+    return schema.TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(schema.TrainConfig)})
+
+
+def describe(cfg: schema.BagRunConfig, members: list[schema.TrainConfig]) -> dict:
+    return {"format": "taxotrain-bag/1", "strategy": cfg.bag.strategy, "seed": cfg.bag.seed,
+            "data": cfg.data.shards,
+            "members": [{"name": Path(m.run_dir).name, "run_dir": Path(m.run_dir).name, "model": m.model.name,
+                         "seed": m.trainer.seed, "bootstrap_member": m.data.bootstrap_member}
+                        for m in members]}
+
+
+def train_bag(cfg: schema.BagRunConfig) -> int:
+    members = [member_config(cfg, i) for i in range(cfg.bag.members)]
+    chosen = members if cfg.bag.only is None else [members[cfg.bag.only]]
+    if distributed.is_main() and not cfg.launcher.dry_run:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(cfg.run_dir) / BAG_FILE, json.dumps(describe(cfg, members), indent=1) + "\n")
+    if cfg.launcher.kind == schema.LauncherKind.slurm:
+        from trainer.jobs import slurm
+
+        for member in chosen:
+            slurm.preflight(member)
+        return slurm.submit_array([slurm.for_the_job(m) for m in chosen], slurm.log_folder(cfg))
+    # one process group for all members: creating a second one on the same port can hang
+    distributed.init(distributed.detect(), cfg.trainer.dist_timeout_s)
+    try:
+        for member in chosen:  # one after the other; each member uses every rank of this launch
+            log.info("bag member %s: model %s, seed %d, bootstrap %s", Path(member.run_dir).name,
+                     member.model.name, member.trainer.seed, member.data.bootstrap_member)
+            code = run(member)
+            if code != 0:
+                return code  # a stop (75) or failure: the same command resumes the bag from here
+        return 0
+    finally:
+        distributed.cleanup()
