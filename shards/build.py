@@ -18,9 +18,11 @@ from shards.config import ShardConfig
 from shards.manifest import load_results, summary, tally, write_manifest
 from shards.plan import ShardPlan, make_plan
 from shards.sources import collect
-from shards.writer import ShardResult, WriteOptions, write_shard
+from shards.writer import PARTS, ShardResult, WriteOptions, index_name, write_shard
 from trainer.runtime import cli
 from trainer.runtime.exits import RunFailure
+from trainer.runtime.files import TEMP_INFIX
+from trainer.runtime.lock import FolderLock
 
 log = logging.getLogger("shards.build")
 
@@ -29,13 +31,24 @@ class TooManyBad(RunFailure):
     """More inputs were quarantined than `max_bad_fraction` allows."""
 
 
-def _clean_stale_temps(out: Path) -> None:
-    for tmp in out.glob(".*.tmp-*"):
+def _clean_stale_temps(out: Path, mine: list[ShardPlan] | None) -> None:
+    """Remove the temporaries a killed build left: every one in `out` under the folder's lock (`mine`
+    None), only those of its own shards in an array task, whose sibling tasks' are in flight."""
+    if mine is None:
+        stale = list(out.glob(f".*{TEMP_INFIX}*"))
+    else:
+        finals = [final for p in mine
+                  for final in (out / p.name, out / index_name(p.name), out / PARTS / f"{p.name}.json")]
+        stale = [t for f in finals for t in f.parent.glob(f".{f.name}{TEMP_INFIX}*")]
+    for tmp in stale:
         tmp.unlink(missing_ok=True)
 
 
-def _write(plans: list[ShardPlan], out: Path, opts: WriteOptions, cfg: ShardConfig) -> list[ShardResult]:
-    mine = [p for i, p in enumerate(plans) if i % cfg.task_count == cfg.task_index]
+def _mine(plans: list[ShardPlan], cfg: ShardConfig) -> list[ShardPlan]:
+    return [p for i, p in enumerate(plans) if i % cfg.task_count == cfg.task_index]
+
+
+def _write(mine: list[ShardPlan], out: Path, opts: WriteOptions, cfg: ShardConfig) -> list[ShardResult]:
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     bar = tqdm(total=sum(len(p.items) for p in mine), unit="img", disable=not show)
     results = []
@@ -53,16 +66,29 @@ def _write(plans: list[ShardPlan], out: Path, opts: WriteOptions, cfg: ShardConf
 
 
 def build(cfg: ShardConfig) -> dict | None:
-    """Build (or finish building) the shard set described by `cfg`; returns `_info.json`."""
+    """Build (or finish building) the shard set described by `cfg`; returns `_info.json`.
+
+    One writer per out folder: stage=all and stage=finalize hold its lock (`trainer/runtime/lock.py`),
+    so a second build is refused. stage=write does not lock: the tasks of one SLURM array write disjoint
+    shards of the folder at the same time by design, and each cleans only its own shards' temporaries.
+    """
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.stage == "write":
+        return _build(cfg, out)
+    with FolderLock(out, "shards"):
+        return _build(cfg, out)
+
+
+def _build(cfg: ShardConfig, out: Path) -> dict | None:
     col = collect(cfg.source)
     plans = make_plan(col, cfg)
     opts = WriteOptions(tuple(col.classes), tuple(col.feature_names), cfg.resize.max_side,
                         cfg.resize.quality, cfg.max_pixels)
     if cfg.stage in ("all", "write"):
-        _clean_stale_temps(out)
-        done = _write(plans, out, opts, cfg)
+        mine = _mine(plans, cfg)
+        _clean_stale_temps(out, mine if cfg.stage == "write" else None)
+        done = _write(mine, out, opts, cfg)
         skipped = sum(r.skipped for r in done)
         log.info("task %d/%d: %d shard(s) written, %d already up to date",
                  cfg.task_index, cfg.task_count, len(done) - skipped, skipped)

@@ -2,8 +2,9 @@
 
 Every reader of a shard set (the trainer, `shards.verify`, the inference tools, the schemas that
 check `data.shards` at start-up) goes through `read_info`, so a malformed manifest is reported in
-one way, naming the file and the field. Two layouts are read: taxotrain's (per-shard bytes, sha256
-and index file) and timm's (`filenames` and `shard_lengths` only).
+one way, naming the file and the field. Two layouts are read: taxotrain's (per-shard bytes, sha256,
+index file and, since index digests are recorded, its sha256) and timm's (`filenames` and
+`shard_lengths` only).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class ShardEntry:
     bytes: int | None = None        # None in timm's layout: size and sha256 cannot be checked
     sha256: str | None = None
     index: str | None = None        # the DALI index file beside the shard
+    index_sha256: str | None = None  # its digest; None in manifests written before it was recorded
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ def _split(path: Path, name: str, entry: object) -> SplitInfo:
     try:
         if "shards" in entry:  # taxotrain's layout
             shards = tuple(ShardEntry(str(s["filename"]), int(s["num_samples"]), _opt_int(s.get("bytes")),
-                                      s.get("sha256"), s.get("index")) for s in entry["shards"])
+                                      s.get("sha256"), s.get("index"), s.get("index_sha256"))
+                           for s in entry["shards"])
             _same_lengths(path, name, entry, shards)
             return SplitInfo(name, shards)
         names, lengths = entry.get("filenames"), entry.get("shard_lengths")

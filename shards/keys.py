@@ -6,6 +6,7 @@ import re
 import unicodedata
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_KEY = re.compile(r"[A-Za-z0-9_-]+")
 # ustar names are limited to 100 bytes: key + "." + the longest extension ("json") must fit
 MAX_SLUG = 60
 
@@ -14,6 +15,11 @@ def slug(text: str) -> str:
     """ASCII letters, digits, `_` and `-` only: WebDataset splits a key at its first dot."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     return _UNSAFE.sub("_", ascii_text).strip("_")[:MAX_SLUG] or "x"
+
+
+def is_key(text: str) -> bool:
+    """Whether `text` keeps the key rule (`[A-Za-z0-9_-]`, non-empty) that every key made here keeps."""
+    return _KEY.fullmatch(text) is not None
 
 
 def key_from_path(rel_path: str) -> str:

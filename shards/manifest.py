@@ -1,7 +1,8 @@
 """The final step: `_info.json`, `classes.txt`, `quarantine.tsv`, `corrections.tsv`, `counts.tsv`.
 
 `_info.json` uses the layout timm's WebDataset reader reads (`splits.<name>.filenames`,
-`shard_lengths`, `num_samples`) and adds the class map, counts and per-shard size and sha256.
+`shard_lengths`, `num_samples`) and adds the class map, counts and per-shard size and sha256 (of the
+tar and of its `.idx`).
 """
 from __future__ import annotations
 
@@ -100,8 +101,10 @@ def write_manifest(col: Collection, results: list[ShardResult], t: Tally, out: P
             "num_samples": sum(r.num_samples for r in mine),
             "filenames": [r.name for r in mine],
             "shard_lengths": [r.num_samples for r in mine],
+            # the index's digest too: its lines say which bytes are whose label, so it is data
             "shards": [{"filename": r.name, "index": index_name(r.name), "num_samples": r.num_samples,
-                        "bytes": r.bytes, "sha256": r.sha256} for r in mine],
+                        "bytes": r.bytes, "sha256": r.sha256, "index_sha256": r.index_sha256 or None}
+                       for r in mine],
             "class_counts": [t.written[(split, c)] for c in col.classes],
         }
     info = {

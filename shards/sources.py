@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,12 +54,30 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name in _IGNORED_FILES
 
 
+def class_name_problem(name: str) -> str:
+    """Why `name` cannot be a class ("" when it can). classes.txt holds one name per line: a newline
+    (or CR, tab, any control or line-separator character) would split or blur a name there, and a
+    build pinned to that file would shift every later class index without an error."""
+    odd = "".join(sorted({ch for ch in name if unicodedata.category(ch) in ("Cc", "Zl", "Zp")}))
+    if not odd:
+        return ""
+    return f"class name {name!r} contains control characters {odd!r}; rename it"
+
+
+def _shown(text: str) -> str:
+    """`text` on one line for the reports: escaped (as Python writes it) only where it has to be."""
+    return repr(text)[1:-1] if class_name_problem(text) else text
+
+
 def read_class_list(path: str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ConfigError(f"source.classes: cannot read {path}: {e}") from e
     names = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    odd = [n for n in names if class_name_problem(n)]
+    if odd:
+        raise ConfigError(f"source.classes: {path}: {class_name_problem(odd[0])}")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"source.classes: {path} lists {dupes} more than once")
@@ -85,10 +104,15 @@ def from_imagefolder(cfg: ImageFolderSource) -> Collection:
     if not root.is_dir():
         raise ConfigError(f"source.root: {root} is not a directory")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
+    # each file of a folder whose name cannot be a class is an input of its own, quarantined
+    odd = [d for d in found if class_name_problem(d)]
+    found = [d for d in found if d not in odd]
     # not is_dir(): a dangling symlink is a lost input too, and must be reported
     stray = sorted(f.name for f in root.iterdir() if not f.is_dir() and not _hidden(f.name))
     classes = read_class_list(cfg.classes) if cfg.classes else found
     rejects = [Reject(f, "", "", "file outside any class folder") for f in stray]
+    rejects += [Reject(_shown(f.relative_to(root).as_posix()), "", _shown(d), class_name_problem(d))
+                for d in odd for f in walk(root / d)]
     # each file of an unlisted class folder is an input of its own, so each is reported
     rejects += [Reject(f.relative_to(root).as_posix(), "", d, f"class {d!r} not in {cfg.classes}")
                 for d in found if d not in classes for f in walk(root / d)]
@@ -154,13 +178,14 @@ def _rows_to_collection(cfg: CsvSource, table: Path, root: Path, rows: list, pin
             raw = (row.get(cfg.split_column) or "").strip().lower()
             split = SPLIT_ALIASES.get(raw, "")
             if not split:
-                rejects.append(Reject(origin, "", label, f"split {raw!r} is not train/val/test"))
+                rejects.append(Reject(origin, "", _shown(label), f"split {raw!r} is not train/val/test"))
                 continue
         problem = _row_problem(rel, label, pinned, cfg)
         features, feat_problem = _features(row, cfg.feature_columns)
         problem = problem or feat_problem
         if problem:
-            rejects.append(Reject(rel or origin, split, label, f"{problem} ({table.name}:{line})"))
+            rejects.append(Reject(_shown(rel) or origin, split, _shown(label),
+                                  f"{problem} ({table.name}:{line})"))
             continue
         parsed.append((rel, label, split or None, features, row))
     classes = pinned or sorted({p[1] for p in parsed})
@@ -182,6 +207,8 @@ def _row_problem(rel: str, label: str, pinned: list[str] | None, cfg: CsvSource)
         return f"missing path (column {cfg.path_column!r})"
     if not label:
         return f"missing label (column {cfg.label_column!r})"
+    if class_name_problem(label):
+        return class_name_problem(label)
     if pinned is not None and label not in pinned:
         return f"label {label!r} not in the class list {cfg.classes}"
     return ""

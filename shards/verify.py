@@ -1,7 +1,8 @@
 """`python -m shards.verify dir=DIR`: check a shard set against its `_info.json`.
 
-Re-hashes every shard, counts its samples, checks its DALI index against the tar's real member
-offsets, and lists every mismatch; exits 1 on any. A truncated tar can read without error in
+Re-hashes every shard and its DALI index, counts its samples, checks every member name against the
+key rule, checks the index against the tar's real member offsets (one sample per line, no sample on
+two lines), and lists every mismatch; exits 1 on any. A truncated tar can read without error in
 WebDataset and silently lose samples: only the manifest catches it.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 from shards import config
 from shards.config import VerifyConfig
 from shards.info import InfoError, ShardEntry, ShardInfo, read_info
-from shards.writer import index_name, read_index
+from shards.keys import is_key
+from shards.writer import index_name, read_index, split_name
 from trainer.runtime import cli
 from trainer.runtime.exits import EXIT_FAILED
 from trainer.runtime.files import sha256_file
@@ -28,7 +30,11 @@ def _tar_members(path: Path, decode: bool, num_classes: int) -> tuple[list[tuple
                 problems.append(f"{path.name}: member {m.name!r} is not a regular file")
                 continue
             members.append((m.name, m.offset_data, m.size))
-            ext = m.name.split(".", 1)[1] if "." in m.name else ""
+            key, ext = split_name(m.name)
+            if not is_key(key) or not ext:
+                # WebDataset groups members by this key: a dot, a slash or a space regroups samples
+                problems.append(f"{path.name}: member {m.name!r} breaks the key rule: KEY.EXT with a KEY "
+                                "of [A-Za-z0-9_-] only")
             if ext == "cls":
                 label = tar.extractfile(m).read()
                 if not label.isdigit() or int(label) >= num_classes:
@@ -59,21 +65,25 @@ def verify_shard(root: Path, entry: ShardEntry, decode: bool, num_classes: int) 
     except (tarfile.TarError, OSError, EOFError) as e:
         return problems + [f"{name}: unreadable tar: {e}"]
     problems += inner
-    keys = {m[0].split(".", 1)[0] for m in members}
+    keys = {split_name(m[0])[0] for m in members}
     if len(keys) != entry.num_samples:
         problems.append(f"{name}: {len(keys)} samples, manifest says {entry.num_samples}")
-    problems += _check_index(root / (entry.index or index_name(name)), members, len(keys))
+    problems += _check_index(root / (entry.index or index_name(name)), entry.index_sha256, members, len(keys))
     return problems
 
 
-def _check_index(path: Path, members: list[tuple[str, int, int]], num_keys: int) -> list[str]:
+def _check_index(path: Path, sha256: str | None, members: list[tuple[str, int, int]],
+                 num_keys: int) -> list[str]:
     if not path.exists():
         return [f"{path.name}: index file missing"]
+    problems = []
+    # None: a manifest from before index digests were recorded; the checks below still run
+    if sha256 is not None and sha256_file(path) != sha256:
+        problems.append(f"{path.name}: sha256 differs from the manifest (edited or stale index)")
     try:
         count, samples = read_index(path)
     except ValueError as e:
-        return [f"{path.name}: malformed index: {e}"]
-    problems = []
+        return problems + [f"{path.name}: malformed index: {e}"]
     if count != num_keys:
         problems.append(f"{path.name}: index lists {count} samples, the tar holds {num_keys}")
     entries = [(m.name, m.offset, m.size) for sample in samples for m in sample]

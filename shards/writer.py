@@ -18,7 +18,7 @@ from typing import NamedTuple
 from shards.images import BadImage, prepare
 from shards.plan import ShardPlan
 from shards.sources import Reject
-from trainer.runtime.files import atomic_path, atomic_write, sha256_file
+from trainer.runtime.files import SpecialFile, TooLarge, atomic_path, atomic_write, read_regular, sha256_file
 
 # 2000-01-01T00:00:00Z: a fixed time (and owner) makes rebuilds byte-identical
 MTIME = 946684800
@@ -42,6 +42,7 @@ class ShardResult:
     num_samples: int = 0
     bytes: int = 0
     sha256: str = ""
+    index_sha256: str = ""    # the .idx file: its lines decide which bytes are a sample's label
     class_counts: dict[str, int] = field(default_factory=dict)
     rejects: list[list[str]] = field(default_factory=list)   # Reject fields
     notes: list[list[str]] = field(default_factory=list)     # [path, what changed]
@@ -69,21 +70,56 @@ class IndexEntry(NamedTuple):
     name: str
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """(key, ext) of a member name, split as WebDataset groups and DALI's wds2idx indexes: at the first
+    dot after the last `/`."""
+    head, sep, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return head + sep + stem, ext
+
+
 def read_index(path: Path) -> tuple[int, list[list[IndexEntry]]]:
-    """(the sample count of line 1, each sample line's members); `ValueError` names the file and line."""
+    """(the sample count of line 1, each sample line's members); `ValueError` names the file and line.
+
+    Each line must be one sample (every member of one key, each ext the one its name gives, no ext
+    twice) and no key may come back on another line: otherwise two lines that swapped their `.cls`
+    entries would train on each other's labels, and a repeated line would feed one sample twice."""
     lines = path.read_text().splitlines()
     head = lines[0] if lines else ""
     version, _, count = head.partition(" ")
     if version != "v1.2" or not count.isdigit():
         raise ValueError(f"{path}:1: expected 'v1.2 <samples>', got {head[:80]!r}")
-    samples = []
+    samples: list[list[IndexEntry]] = []
+    first_line: dict[str, int] = {}
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split()
         groups = list(zip(*[iter(fields)] * 4, strict=False))
         if not fields or len(fields) % 4 or not all(o.isdigit() and n.isdigit() for _, o, n, _ in groups):
             raise ValueError(f"{path}:{number}: expected groups of 'ext offset size name', got {line[:80]!r}")
-        samples.append([IndexEntry(ext, int(offset), int(size), name) for ext, offset, size, name in groups])
+        entries = [IndexEntry(ext, int(offset), int(size), name) for ext, offset, size, name in groups]
+        problem = _line_problem(entries, number, first_line)
+        if problem:
+            raise ValueError(f"{path}:{number}: {problem}")
+        samples.append(entries)
+    if len(samples) != int(count):
+        raise ValueError(f"{path}:1: says {count} samples, the file lists {len(samples)}")
     return int(count), samples
+
+
+def _line_problem(entries: list[IndexEntry], number: int, first_line: dict[str, int]) -> str | None:
+    """What makes one index line not exactly one new sample; records its key in `first_line`."""
+    keys = sorted({split_name(e.name)[0] for e in entries})
+    if len(keys) != 1:
+        return f"members of {len(keys)} samples on one line: {keys[:3]}"
+    wrong = [e for e in entries if split_name(e.name)[1] != e.ext]
+    if wrong:
+        return f"member {wrong[0].name!r} listed as {wrong[0].ext!r}"
+    if len({e.ext for e in entries}) != len(entries):
+        return f"sample {keys[0]!r} lists a member twice"
+    if keys[0] in first_line:
+        return f"sample {keys[0]!r} again (first on line {first_line[keys[0]]})"
+    first_line[keys[0]] = number
+    return None
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -115,10 +151,17 @@ def _up_to_date(plan: ShardPlan, out: Path) -> ShardResult | None:
         return None
     if old.num_samples == 0:
         return old
-    shard = out / plan.name
-    if not (shard.exists() and (out / index_name(plan.name)).exists()):
+    shard, index = out / plan.name, out / index_name(plan.name)
+    # a sidecar from before index digests were recorded is rewritten: its index was never checked
+    if not (shard.exists() and index.exists() and old.index_sha256):
+        return None
+    if sha256_file(index) != old.index_sha256:
         return None
     return old if sha256_file(shard) == old.sha256 else None
+
+# an input file larger than this is quarantined unread (the largest image a 89 Mpx limit allows is far
+# smaller, even as an uncompressed TIFF)
+MAX_INPUT_BYTES = 1 << 30
 
 
 class _NothingWritten(Exception):
@@ -138,8 +181,8 @@ def write_shard(plan: ShardPlan, out: Path, opts: WriteOptions) -> ShardResult:
                 raise _NothingWritten
             # DALI index v1.2, the format of DALI's wds2idx: "ext offset size name" per member; written
             # before its shard, which `atomic_path` publishes last
-            atomic_write(out / index_name(plan.name),
-                         f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
+            result.index_sha256 = atomic_write(out / index_name(plan.name),
+                                               f"v1.2 {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
             result.bytes = tmp.stat().st_size
             result.sha256 = sha256_file(tmp)
     except _NothingWritten:
@@ -171,8 +214,13 @@ def _write_tar(plan: ShardPlan, tmp: Path, opts: WriteOptions, result: ShardResu
 def _sample_members(item, split: str, opts: WriteOptions, result: ShardResult):
     cls_name = opts.classes[item.label]
     try:
-        data = Path(item.path).read_bytes()
+        # a FIFO named like an image would block the build forever, /dev/zero fill the memory
+        data = read_regular(Path(item.path), MAX_INPUT_BYTES)
         enc = prepare(data, item.rel, opts.max_side, opts.quality, opts.max_pixels)
+    except (SpecialFile, TooLarge) as e:
+        reason = f"not a regular file ({e.kind})" if isinstance(e, SpecialFile) else e.reason
+        result.rejects.append(list(asdict(Reject(item.rel, split, cls_name, reason)).values()))
+        return None
     except (OSError, BadImage) as e:
         reason = str(e) if isinstance(e, BadImage) else f"unreadable file: {e.strerror or e}"
         result.rejects.append(list(asdict(Reject(item.rel, split, cls_name, reason)).values()))

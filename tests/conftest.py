@@ -16,6 +16,18 @@ sys.path.insert(0, str(REPO / "tests"))
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture for tests marked slurm)
 
 
+@pytest.fixture
+def offline_wandb(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B offline, pointed at a closed port, with a private home: no network, no user settings."""
+    home = tmp_path_factory.mktemp("wandb-home")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
 def save_image(path: Path, size=(32, 24), mode="RGB", fmt=None, seed=0, **kw) -> Path:
     """A small real image with random content, saved in `fmt` (default: from the suffix)."""
     rng = np.random.default_rng(seed)

@@ -274,15 +274,31 @@ def test_best_rejects_direction_change_and_ignores_nan(
     assert Checkpointer.load(tmp_path / "step-000000003.pt")["step"] == 3  # the progress itself is kept
     assert Checkpointer.load(tmp_path / "best.pt")["step"] == 2
     (tmp_path / "best.json").write_text('{"step": 2}')
-    assert Checkpointer(tmp_path).best is None  # malformed: forgotten with a warning, not a KeyError later
+    # Malformed: no KeyError later. best.done's entry carries the metric too, so the record is restored.
+    assert Checkpointer(tmp_path).best == {"step": 2, "metric": 0.5, "higher_is_better": True}
+    assert '"metric": 0.5' in (tmp_path / "best.json").read_text()
 
 
 def test_interrupted_best_update_is_detected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     Checkpointer(tmp_path).save(small_state(1), 1, metric=0.9)
-    (tmp_path / "best.done").unlink()  # what a kill between best.pt and best.done leaves behind
+    (tmp_path / "best.done").unlink()  # what an older taxotrain's kill between best.pt and best.done left
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        ck = Checkpointer(tmp_path)
+    # best.json records best.pt's sha256: that proves the file whole, so the marker is rewritten.
+    assert ck.best == {"step": 1, "metric": 0.9, "higher_is_better": True}
+    assert "proven by sha256" in caplog.text
+    assert (tmp_path / "best.done").exists() and Checkpointer.load(tmp_path / "best.pt")["step"] == 1
+    # Bytes that no marker, best.json or step marker records are not trusted.
+    (tmp_path / "best.done").unlink()
+    buf = io.BytesIO()
+    torch.save(small_state(7), buf)
+    (tmp_path / "best.pt").write_bytes(buf.getvalue())
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
         ck = Checkpointer(tmp_path)
     assert ck.best is None and "best checkpoint is incomplete" in caplog.text
+    with pytest.raises(CheckpointError, match="best.pt: no completeness marker"):
+        Checkpointer.load(tmp_path / "best.pt")
     ck.save(small_state(2), 2, metric=0.1)  # rewritten at the next metric, even a worse one
     assert Checkpointer.load(tmp_path / "best.pt")["step"] == 2
 

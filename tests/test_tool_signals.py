@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from test_bag import bag_config
+from train_fixtures import write_shardset
+
+from trainer.jobs.bag import train_bag
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """
@@ -43,3 +48,28 @@ def test_sigterm_ends_a_tool_that_does_not_train(tmp_path):
     assert proc.stdout.readline().strip() == "ready"
     proc.terminate()
     assert proc.wait(timeout=10) == -15
+
+
+@pytest.fixture(scope="module")
+def bag(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny bag of one member, and shards with a test split large enough to keep a tool busy."""
+    root = tmp_path_factory.mktemp("sigterm")
+    shards = write_shardset(root / "s", {"train": [24, 24], "test": [600, 600, 600]})
+    assert train_bag(bag_config(shards, root / "bag", "bag.members=1")) == 0
+    return shards, root / "bag"
+
+
+@pytest.mark.parametrize("tool", ["launch.evaluate", "launch.predict"])
+def test_timeout_sigterm_ends_a_busy_tool_within_seconds(bag, tmp_path, tool):
+    """`timeout -s TERM` (what scancel and torchrun's teardown send) ends the tool while it works."""
+    shards, bag_dir = bag
+    args = {"launch.evaluate": [f"data.shards={shards}", "data.check=off", f"out={tmp_path}/o"],
+            "launch.predict": [f"input={shards}", f"out={tmp_path}/p.tsv"]}[tool]
+    command = ["timeout", "-s", "TERM", "12", sys.executable, "-m", tool, f"bag={bag_dir}", "tta=tencrop",
+               "batch_size=1", "workers=0", *args]
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 124, done.stdout + done.stderr  # timeout's code: it had to send TERM
+    assert elapsed < 12 + 5  # ended within seconds of the signal, not at the end of its work
+    assert not (tmp_path / "o" / "report.json").exists() and not (tmp_path / "p.tsv").exists()

@@ -30,15 +30,7 @@ URL_SECRET = "taxotrain-fake-secret-url"
 CONFIG_SECRET = "taxotrain-fake-secret-config"
 
 
-@pytest.fixture(autouse=True)
-def offline_wandb(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path_factory.mktemp("wandb-home")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(home / var.lower()))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+pytestmark = pytest.mark.usefixtures("offline_wandb")  # tests/conftest.py
 
 
 def make(run_dir: Path, mode: str = "offline", *, is_main: bool = True, **kw) -> Tracker:

@@ -134,3 +134,44 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def shard_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """A shard's samples in tar order, each member grouped by its name before the first dot."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return list(samples.items())
+
+
+def record_index_digests(root: Path) -> Path:
+    """Adds each shard's `.idx` sha256 to `_info.json` (`index_sha256`), as shards.build records it."""
+    info = json.loads((root / "_info.json").read_text())
+    for split in info["splits"].values():
+        for entry in split["shards"]:
+            idx = (root / entry["filename"]).with_suffix(".idx")
+            entry["index_sha256"] = hashlib.sha256(idx.read_bytes()).hexdigest()
+    (root / "_info.json").write_text(json.dumps(info, indent=1))
+    return root
+
+
+def rewrite_shard(root: Path, name: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """Shard `name` and its index rewritten with `samples`, and its `_info.json` entry made to match
+    (count, bytes, sha256, and `index_sha256` where recorded): a producer whose manifest agrees with
+    its careless data, so only checks of the content itself can catch it."""
+    write_shard(root / name, samples)
+    info = json.loads((root / "_info.json").read_text())
+    for split in info["splits"].values():
+        for i, entry in enumerate(split["shards"]):
+            if entry["filename"] != name:
+                continue
+            blob = (root / name).read_bytes()
+            entry.update(num_samples=len(samples), bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+            if "index_sha256" in entry:
+                idx = (root / name).with_suffix(".idx").read_bytes()
+                entry["index_sha256"] = hashlib.sha256(idx).hexdigest()
+            split["shard_lengths"][i] = len(samples)
+            split["num_samples"] = sum(split["shard_lengths"])
+    (root / "_info.json").write_text(json.dumps(info, indent=1))

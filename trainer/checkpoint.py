@@ -2,17 +2,27 @@
 
 Layout of `directory` (one writer per directory: the main rank of one job):
     step-000001000.pt    torch.save of the whole training state
-    step-000001000.done  completeness marker, JSON {step, bytes, sha256, time}
-    best.pt / best.done  copy of the state that scored the best metric, same marker scheme
-    best.json            {step, metric, higher_is_better}: what best.pt holds; survives restarts
+    step-000001000.done  its marker, JSON {step, bytes, sha256, time}: what the .pt holds when whole
+    best.pt / best.done  copy of the state that scored the best metric; its marker adds
+                         {metric, higher_is_better}
+    best.json            {step, metric, higher_is_better, bytes, sha256}: a readable copy of best.done's
+                         record, and a second witness when the marker is lost
 
 Every file is written through `trainer.runtime.files.atomic_write` (temporary name, fsync, rename,
-directory fsync). The marker is written only after its .pt is in place, so a process killed at any
-moment leaves either a complete pair or a .pt without a valid marker, which is never loaded. Size and
-sha256 in the marker also catch truncation and bit rot that happen after the save.
+directory fsync), so each name always holds a whole old or a whole new file. A file loads only if its
+bytes match (size and sha256) an entry of its marker. A new .pt is written before its marker, so a
+process killed at any moment leaves either a complete pair or a .pt without a valid marker, which is
+never loaded. Replacing a .pt that already has a valid marker (best.pt at each improvement, a re-saved
+step) goes: marker := {new, "previous": old}; .pt := new; best.json; marker := {new}. The marker vouches
+for both contents while the .pt is swapped, so there is no moment (kill, ENOSPC) at which neither the
+old nor the new best loads. A Checkpointer on the main rank settles a two-entry or lost best marker when
+it can prove which whole file best.pt is (its sha256 matches the marker, best.json or a step marker) and
+rewrites marker and best.json; `load` accepts the same proof read-only.
 
 `latest()` only checks that the marker exists and the size agrees (cheap: no read of the data);
 `load()` checks the sha256 as well, and `load_latest()` walks back past corrupt checkpoints with a warning.
+Only regular files are read: a FIFO or device named like a checkpoint, marker or best.json is refused
+(CheckpointError naming it) without being opened for a blocking read, so it cannot hang a resume.
 Everything loads with `torch.load(weights_only=True)`, so the state must consist of tensors and plain
 Python containers/scalars (see trainer/rng.py and the LambdaLR note in trainer/schedule.py); the first
 `save()` of each Checkpointer proves this by loading the bytes back, so a bad state fails at the first
@@ -32,14 +42,17 @@ import math
 import operator
 import os
 import re
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from trainer.runtime.exits import UsageError
-from trainer.runtime.files import atomic_write
+from trainer.runtime.files import SpecialFile, atomic_path, atomic_write, open_regular, write_error
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +70,164 @@ def _marker_path(pt: Path) -> Path:
     return pt.with_suffix(".done")
 
 
+@contextmanager
+def _open_regular(path: Path) -> Iterator[BinaryIO]:
+    """`path` opened for reading if it is a regular file (`files.open_regular`: a FIFO would block the
+    open forever); CheckpointError naming it otherwise. FileNotFoundError passes through."""
+    try:
+        with open_regular(path) as fh:
+            yield fh
+    except FileNotFoundError:
+        raise
+    except SpecialFile as e:
+        raise CheckpointError(f"{e}: refusing to read it (remove it)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+
+
+def _read_regular(path: Path) -> bytes:
+    with _open_regular(path) as fh:
+        return fh.read()
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with _open_regular(path) as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def _is_entry(raw: Any) -> bool:
+    """A marker entry names the bytes it vouches for: {step, bytes, sha256, ...}."""
+    return (isinstance(raw, dict) and isinstance(raw.get("step"), int) and isinstance(raw.get("bytes"), int)
+            and isinstance(raw.get("sha256"), str))
+
+
 def _read_marker(pt: Path) -> dict[str, Any]:
     """The parsed, type-checked marker of `pt`; CheckpointError if it is missing or malformed."""
     marker = _marker_path(pt)
     try:
-        m = json.loads(marker.read_text())
+        m = json.loads(_read_regular(marker))
     except FileNotFoundError:
         raise CheckpointError(f"{pt}: no completeness marker {marker.name} (interrupted save?)") from None
-    except (OSError, ValueError) as e:
+    except ValueError as e:  # not JSON, not UTF-8
         raise CheckpointError(f"{pt}: unreadable marker {marker.name}: {e}") from e
-    ok = (isinstance(m, dict) and isinstance(m.get("step"), int) and isinstance(m.get("bytes"), int)
-          and isinstance(m.get("sha256"), str))
-    if not ok:
+    if not _is_entry(m):
         raise CheckpointError(f"{pt}: malformed marker {marker.name}: {m!r}")
     return m
 
 
-def _write_marked(pt: Path, data: memoryview, step: int, between: dict[Path, bytes] | None = None) -> None:
-    """Write `pt` and then its marker; `between` files are written after the data, before the marker."""
-    # Drop the old marker first: while the data is replaced the pair then reads as incomplete, never as
-    # a marker describing other bytes (matters when a step or best.pt is overwritten).
-    _marker_path(pt).unlink(missing_ok=True)
-    digest = atomic_write(pt, data)
+def _entries(marker: dict[str, Any]) -> list[dict[str, Any]]:
+    """What a marker vouches for: its own entry, then the one it replaces while a .pt is being swapped."""
+    def bare(entry: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in entry.items() if k != "previous"}
+
+    previous = marker.get("previous")
+    return [bare(marker), bare(previous)] if _is_entry(previous) else [bare(marker)]
+
+
+def _matching(entries: list[dict[str, Any]], size: int, sha256: str | None = None) -> list[dict[str, Any]]:
+    return [e for e in entries if e["bytes"] == size and sha256 in (None, e["sha256"])]
+
+
+def _best_json(directory: Path, quiet: bool = False) -> dict[str, Any] | None:
+    """best.json if it is a well-formed record {step, metric, higher_is_better, ...}, else None (warned)."""
+    path = directory / f"{_BEST}.json"
+    try:
+        best = json.loads(_read_regular(path))
+    except FileNotFoundError:
+        return None
+    except (CheckpointError, ValueError) as e:
+        if not quiet:
+            log.warning("ignoring unreadable %s (%s)", path, e)
+        return None
+    if _best_of(best) is None:
+        if not quiet:
+            log.warning("ignoring malformed %s (%r)", path, best)
+        return None
+    return best
+
+
+def _best_of(record: Any) -> dict[str, Any] | None:
+    """{step, metric, higher_is_better} from a best.json or best marker entry, None if it lacks them."""
+    ok = (isinstance(record, dict) and isinstance(record.get("step"), int)
+          and isinstance(record.get("metric"), (int, float))
+          and isinstance(record.get("higher_is_better"), bool))
+    return {k: record[k] for k in ("step", "metric", "higher_is_better")} if ok else None
+
+
+def _witnesses(pt: Path) -> Iterator[dict[str, Any]]:
+    """Entries that may vouch for the bytes of `pt`: its marker's, and for best.pt also best.json's and
+    those of every step marker (best.pt is a byte copy of the step checkpoint it was saved with)."""
+    try:
+        yield from _entries(_read_marker(pt))
+    except CheckpointError:
+        pass
+    if pt.name != f"{_BEST}.pt":
+        return
+    recorded = _best_json(pt.parent, quiet=True)
+    if _is_entry(recorded):
+        yield recorded
+    for name in sorted(os.listdir(pt.parent), reverse=True):
+        if (m := _STEP_FILE.fullmatch(name)) and m[2] == "done":
+            try:
+                yield from _entries(_read_marker(pt.parent / f"step-{m[1]}.pt"))
+            except CheckpointError:
+                continue
+
+
+def _vouched(pt: Path, size: int, sha256: str) -> dict[str, Any] | None:
+    """The first witness of `pt` whose size and sha256 are those of its bytes: proof that they are whole."""
+    return next((e for e in _witnesses(pt) if e["bytes"] == size and e["sha256"] == sha256), None)
+
+
+def _current_entry(pt: Path) -> dict[str, Any] | None:
+    """The marker entry describing the bytes now at `pt` (by size; by sha256 if sizes tie), else None."""
+    try:
+        entries = _entries(_read_marker(pt))
+        st = os.stat(pt)
+    except (CheckpointError, OSError):
+        return None
+    found = _matching(entries, st.st_size) if stat.S_ISREG(st.st_mode) else []
+    if len(found) > 1:
+        try:
+            found = _matching(found, *_size_and_sha256(pt))
+        except (CheckpointError, OSError):
+            return None
+    return found[0] if found else None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_marked(pt: Path, data: memoryview, sha256: str, record: dict[str, Any],
+                  between: dict[Path, bytes] | None = None) -> None:
+    """Write `pt`, then `between`, then its marker {**record, bytes, sha256, time} (module docstring).
+
+    If the marker already vouches for the bytes at `pt`, it first vouches for the old and the new bytes,
+    so that `pt` stays loadable while it is swapped and after a failed or killed write."""
+    marker = _marker_path(pt)
+    new = {**record, "bytes": len(data), "sha256": sha256, "time": _now()}
+    old = _current_entry(pt)
+    if old is None:
+        # A marker describing other bytes (a stale or foreign one) must not outlive their replacement.
+        try:
+            if os.path.lexists(marker):  # (unlinking a missing file is EROFS on a read-only filesystem)
+                marker.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise write_error(marker, e) from e
+    elif old["sha256"] != sha256:
+        atomic_write(marker, json.dumps({**new, "previous": old}))
+    with atomic_path(pt) as tmp, open(tmp, "xb") as fh:
+        fh.write(data)  # not atomic_write: the caller hashed these bytes once for all their copies
     for path, content in (between or {}).items():
         atomic_write(path, content)
-    marker = {"step": step, "bytes": len(data), "sha256": digest,
-              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write(_marker_path(pt), json.dumps(marker))
+    atomic_write(marker, json.dumps(new))
 
 
 def _check_step(step: int) -> int:
@@ -130,13 +274,14 @@ class Checkpointer:
         return found
 
     def _complete(self, step: int) -> bool:
-        """Cheap validity: marker parses, names this step, and the .pt has the recorded size."""
+        """Cheap validity: the marker parses and names this step; the .pt is a regular file of its size."""
         pt = self._step_path(step)
         try:
-            marker = _read_marker(pt)
-            return marker["step"] == step and pt.stat().st_size == marker["bytes"]
+            entries = _entries(_read_marker(pt))
+            st = os.stat(pt)
         except (CheckpointError, OSError):
             return False
+        return stat.S_ISREG(st.st_mode) and any(e["step"] == step for e in _matching(entries, st.st_size))
 
     def _complete_steps(self) -> list[int]:
         """Cheaply valid steps, newest first."""
@@ -150,33 +295,62 @@ class Checkpointer:
         return dict(self._best) if self._best is not None else None
 
     def _read_best(self) -> dict[str, Any] | None:
-        path = self.directory / f"{_BEST}.json"
-        try:
-            best = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable %s (%s): the next metric becomes the best", path, e)
-            return None
-        ok = (isinstance(best, dict) and isinstance(best.get("step"), int)
-              and isinstance(best.get("metric"), (int, float))
-              and isinstance(best.get("higher_is_better"), bool))
-        if not ok:
-            log.warning("ignoring malformed %s (%r): the next metric becomes the best", path, best)
-            return None
+        """best.json's record if marker, best.json and the size of best.pt agree; else `_settle_best`."""
         pt = self.directory / f"{_BEST}.pt"
+        if not os.path.lexists(pt):
+            if os.path.lexists(self.directory / f"{_BEST}.json"):
+                log.warning("%s exists but %s does not: the next metric becomes the best",
+                            self.directory / f"{_BEST}.json", pt.name)
+            return None
+        recorded = _best_json(self.directory)
         try:
-            marker_step = _read_marker(pt)["step"]
-        except CheckpointError as e:
-            # best.done is removed before best.pt is rewritten and restored last, so this means an
-            # update was interrupted and best.pt may not be what best.json describes.
-            log.warning("best checkpoint is incomplete (%s): the next metric becomes the best", e)
+            marker = _read_marker(pt)
+            size = os.stat(pt).st_size
+        except (CheckpointError, OSError) as e:
+            log.warning("%s: checking %s by its sha256", e, pt.name)
+            return self._settle_best(pt, recorded)
+        # best.json written before it recorded bytes and sha256 (older taxotrain) agrees by step.
+        agrees = (recorded is not None and "previous" not in marker and marker["bytes"] == size
+                  and recorded["step"] == marker["step"]
+                  and recorded.get("sha256", marker["sha256"]) == marker["sha256"])
+        return _best_of(recorded) if agrees else self._settle_best(pt, recorded)
+
+    def _settle_best(self, pt: Path, recorded: dict[str, Any] | None) -> dict[str, Any] | None:
+        """After an interrupted or failed best update: prove by sha256 which whole file best.pt is, and on
+        the main rank rewrite best.done and best.json to say so; the best record, or None if unknown."""
+        try:
+            size, digest = _size_and_sha256(pt)
+            entry = _vouched(pt, size, digest)
+        except (CheckpointError, OSError) as e:
+            entry, why = None, str(e)
+        else:
+            why = f"{pt}: neither {_marker_path(pt).name}, {_BEST}.json nor a step marker records its sha256"
+        if entry is None:
+            log.warning("best checkpoint is incomplete (%s): the next metric becomes the best", why)
             return None
-        if marker_step != best.get("step"):
-            log.warning("%s names step %s but %s holds step %s: the next metric becomes the best",
-                        path.name, best.get("step"), pt.name, marker_step)
-            return None
+        best = _best_of(entry)
+        if best is None and recorded is not None and recorded["step"] == entry["step"]:
+            best = _best_of(recorded)  # best.done of an older taxotrain lost; its best.json names the step
+        if self.is_main:
+            self._rewrite_best(pt, entry, best)
         return best
+
+    def _rewrite_best(self, pt: Path, entry: dict[str, Any], best: dict[str, Any] | None) -> None:
+        whole = {"step": entry["step"], "bytes": entry["bytes"], "sha256": entry["sha256"]}
+        try:
+            if best is None:
+                # best.json describes other bytes: forgotten, so the next metric becomes the best.
+                self._unlink(self.directory / f"{_BEST}.json")
+            else:
+                atomic_write(self.directory / f"{_BEST}.json", json.dumps({**best, **whole}))
+            atomic_write(_marker_path(pt), json.dumps({**whole, **(best or {}), "time": _now()}))
+        except OSError as e:
+            # Not fatal: load() accepts the same proof read-only, so best.pt still loads.
+            log.warning("could not rewrite the marker of %s: %s", pt, e)
+            return
+        done = f" and {_BEST}.json" if best else f"; its metric is unknown, so {_BEST}.json was removed"
+        log.warning("%s holds step %d (proven by sha256): rewrote %s%s", pt, entry["step"],
+                    _marker_path(pt).name, done)
 
     def _improves(self, metric: float, higher_is_better: bool) -> bool:
         if math.isnan(metric):
@@ -191,12 +365,15 @@ class Checkpointer:
         stored = self._best["metric"]
         return metric > stored if higher_is_better else metric < stored
 
-    def _save_best(self, data: memoryview, step: int, metric: float, higher_is_better: bool) -> None:
+    def _save_best(
+        self, data: memoryview, sha256: str, step: int, metric: float, higher_is_better: bool
+    ) -> None:
         best = {"step": step, "metric": metric, "higher_is_better": higher_is_better}
-        # best.json goes between data and marker: a kill anywhere before the marker leaves best.done
-        # missing, which the next Checkpointer detects (see _read_best) instead of trusting a stale pair.
-        _write_marked(self.directory / f"{_BEST}.pt", data, step,
-                      between={self.directory / f"{_BEST}.json": json.dumps(best).encode()})
+        described = {**best, "bytes": len(data), "sha256": sha256}
+        # best.json goes between data and marker; the marker entries carry the metric too, so whichever
+        # of the old and new best.pt a kill or a full disk leaves, its record can be restored.
+        _write_marked(self.directory / f"{_BEST}.pt", data, sha256, best,
+                      between={self.directory / f"{_BEST}.json": json.dumps(described).encode()})
         self._best = best
 
     # ------------------------------------------------------------------ saving
@@ -227,16 +404,17 @@ class Checkpointer:
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         metric = None if metric is None else float(metric)
         data = self._serialize(state)
+        sha256 = hashlib.sha256(data).hexdigest()
         newer = [s for s in self._complete_steps() if s > step]
         if newer:
             log.warning("saving step %d while newer checkpoints exist (steps %s): auto-resume prefers those; "
                         "remove them if this run rolled back on purpose", step, newer)
         path = self._step_path(step)
-        _write_marked(path, data, step)
+        _write_marked(path, data, sha256, {"step": step})
         self._prune(step)
         # Last, so that a ValueError from a changed higher_is_better cannot cost the step checkpoint.
         if metric is not None and self._improves(metric, higher_is_better):
-            self._save_best(data, step, metric, higher_is_better)
+            self._save_best(data, sha256, step, metric, higher_is_better)
         return path
 
     def _unlink(self, path: Path) -> None:
@@ -275,21 +453,32 @@ class Checkpointer:
 
     @staticmethod
     def load(path: Path) -> dict[str, Any]:
-        """Verified load of one checkpoint onto the CPU; CheckpointError naming `path` on any problem."""
+        """Verified load of one checkpoint onto the CPU; CheckpointError naming `path` on any problem.
+
+        The bytes must match an entry of the marker; for best.pt, whose marker an interrupted update of
+        an older taxotrain may have lost, best.json or a step marker recording its sha256 also vouches."""
         path = Path(path)
-        marker = _read_marker(path)
+        is_best = path.name == f"{_BEST}.pt"
+        try:
+            entries, missing = _entries(_read_marker(path)), None
+        except CheckpointError as e:
+            if not is_best:
+                raise
+            entries, missing = [], e
         # The whole file is read once for hashing and unpickling: peak memory is file size + tensors.
         try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read: {e}") from e
-        if len(data) != marker["bytes"]:
-            raise CheckpointError(f"{path}: {len(data)} bytes but the marker records {marker['bytes']} "
-                                  f"(truncated or overwritten)")
+            data = _read_regular(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file") from None
         digest = hashlib.sha256(data).hexdigest()
-        if digest != marker["sha256"]:
-            raise CheckpointError(f"{path}: sha256 {digest} does not match the marker's {marker['sha256']} "
-                                  f"(corrupted)")
+        if not _matching(entries, len(data), digest) and not (is_best and _vouched(path, len(data), digest)):
+            if missing is not None:
+                raise missing
+            if not _matching(entries, len(data)):
+                raise CheckpointError(f"{path}: {len(data)} bytes but the marker records "
+                                      f"{entries[0]['bytes']} (truncated or overwritten)")
+            raise CheckpointError(f"{path}: sha256 {digest} does not match the marker's "
+                                  f"{entries[0]['sha256']} (corrupted)")
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:

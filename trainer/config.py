@@ -232,6 +232,9 @@ class TrainerConfig:
         for name in self.signals:
             _check(isinstance(getattr(signal, name, None), signal.Signals), "trainer.signals",
                    f"{name!r} is not a signal name (e.g. SIGUSR2)")
+            # no handler can be installed for these: the run would die instead of checkpointing
+            _check(name not in ("SIGKILL", "SIGSTOP"), "trainer.signals",
+                   f"{name} cannot be caught; use SIGUSR1, SIGUSR2, SIGTERM, SIGINT or SIGHUP")
 
 
 @dataclass
@@ -357,6 +360,7 @@ class TrainConfig:
             self._check_dali()
         if self.loader.backend != Backend.synthetic:
             _check_shards(self.data)
+        _check_writable_dir(self.run_dir, "run_dir")
 
     def _check_dali(self) -> None:
         _check(self.data.augment == Augment.none, "data.augment",
@@ -365,6 +369,14 @@ class TrainConfig:
         _check(self.data.bootstrap_member is None and self.data.fraction >= 1, "loader.backend",
                "dali reads every sample once per pass: bagging's bootstrap resample and data.fraction "
                "need loader.backend=webdataset")
+
+
+def _check_writable_dir(path: str, key: str) -> None:
+    """A folder that exists or can be made: no part of the path is a file (a typo'd run_dir, say)."""
+    for part in (Path(path).expanduser(), *Path(path).expanduser().parents):
+        if part.exists():
+            _check(part.is_dir(), key, f"{path}: {part} exists and is not a folder")
+            return
 
 
 def _check_shards(data: DataConfig, *more: tuple[str, str | None]) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shards.keys import stable_hash
-from trainer import checkpoint, model, optim, rng, schedule
+from trainer import checkpoint, model, optim, resume, rng, schedule
 from trainer.config import TrainConfig
 from trainer.data import shardset
 from trainer.data import streams as data
@@ -34,7 +34,7 @@ from trainer.data.gpu_decode import GpuDecodeLoader, RawStream
 from trainer.data.streams import Batch, DataError, EpochPosition, StreamConfig
 from trainer.data.transforms import AugmentConfig, Normalize, eval_transform, train_transform
 from trainer.metrics import MetricState
-from trainer.runtime import distributed
+from trainer.runtime import distributed, lock
 from trainer.runtime.choices import plain
 from trainer.runtime.distributed import DistEnv
 from trainer.runtime.exits import EXIT_PREEMPTED, ConfigError
@@ -54,6 +54,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.tracker: Tracker | None = None
+        self.run_lock: lock.FolderLock | None = None  # taken in _setup, on the main rank
         self.stop = StopFlag(cfg.trainer.signals)  # first, so an early signal is not lost
         self._owns_group = not distributed.initialized()  # else a bag's launch owns it
         try:
@@ -69,9 +70,12 @@ class Trainer:
         cfg = self.cfg
         self.main = distributed.is_main(self.env)
         # resolved once: written to config.yaml, W&B and every checkpoint
-        self.config_dict = plain(cfg)
+        self.config_dict = provenance.redact_config(plain(cfg), warn=self.main)  # the run itself uses cfg
         self.workers = max(1, cfg.loader.workers)  # DataLoader workers, or 1 reading in-process
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # one writer per run_dir, taken before anything writes there: the Checkpointer below removes
+        # stale temporaries, which are another live run's in-flight saves unless we hold this lock
+        self.run_lock = lock.on_main(self.run_dir, "train", self.env)
         self._seed(cfg.trainer.seed)
         self._build_data()
         self._build_model()
@@ -106,7 +110,8 @@ class Trainer:
             return
         train_set = shardset.load(cfg.data.shards, cfg.data.train_split)
         self.val_set = shardset.load(cfg.data.shards, cfg.data.val_split) if cfg.data.val_split else None
-        self._check_shards(train_set.shards + (self.val_set.shards if self.val_set else ()))
+        shardset.check_across_ranks(train_set.shards + (self.val_set.shards if self.val_set else ()),
+                                    cfg.data.check, self.env.rank, self.env.world_size)
         self.classes = train_set.classes
         self.steps_per_epoch = data.steps_per_epoch(self._epoch_samples(train_set.num_samples), batch,
                                                     env.world_size, accum)
@@ -149,16 +154,6 @@ class Trainer:
 
     def _pin(self) -> bool:
         return self.cfg.loader.pin_memory and self.device.type == "cuda"
-
-    def _check_shards(self, shards: tuple[shardset.Shard, ...]) -> None:
-        """Every rank hashes its share of the shards; all ranks learn every problem, so all stop."""
-        mine = shardset.check(shards[self.env.rank::self.env.world_size], self.cfg.data.check)
-        problems = _gather(mine)
-        if problems:
-            listing = "\n  ".join(problems)
-            mode = self.cfg.data.check
-            raise shardset.ShardSetError(f"shards disagree with the manifest (data.check={mode}; "
-                                         f"off skips this):\n  {listing}")
 
     def _build_model(self) -> None:
         cfg = self.cfg.model
@@ -215,9 +210,18 @@ class Trainer:
             return None
         # another model or class list: a message naming both runs, not a load_state_dict traceback
         state.check_resume(self.cfg.model.name, self.classes, self.run_dir)
+        # any other setting that decides what a step computes: refused, naming each (trainer/resume.py)
+        changes = resume.check(state.config, self.config_dict, state.position["world"], self.env.world_size,
+                               f"run_dir={str(self.run_dir)!r} holds a run at step {state.step}")
         self.net.load_state_dict(state.model)
         self.optimizer.load_state_dict(state.optimizer)
-        self.scheduler.load_state_dict(state.scheduler)
+        # the current length's schedule from the saved step on, not the checkpoint's (a new max_steps)
+        note, history = resume.continue_schedule(self.scheduler, state.scheduler, state.recipe, self.lr)
+        if history:  # config.yaml says the new length; the recipe keeps when the lr schedule changed
+            self.recipe["lr_schedule_changes"] = history
+        warning = resume.announce(changes, note, state.step)
+        if warning and self.main:
+            log.warning("%s", warning)
         if self.scaler is not None and state.scaler:
             self.scaler.load_state_dict(state.scaler)
         self.step, self.epoch = state.step, state.epoch
@@ -360,8 +364,14 @@ class Trainer:
             log.info("step %d/%d %s", self.step, self.total_steps, text)
 
     def _report_bad(self) -> None:
-        """Unusable samples of the epoch: counted on every rank, listed by rank 0 in bad_samples.tsv."""
-        records = _gather(self.epoch_bad)
+        """Unusable samples of the epoch: counted on every rank, listed by rank 0 in bad_samples.tsv.
+
+        Each (shard, key) once: batches report every read, and a slot that starts over on its shards
+        (or a bootstrap repeat) reads the same bad sample again."""
+        unique: dict[tuple[str, str], data.BadRecord] = {}
+        for r in _gather(self.epoch_bad):
+            unique.setdefault((r.shard, r.key), r)
+        records = list(unique.values())
         self.epoch_bad = []
         if not records or not self.main:
             return
@@ -442,6 +452,8 @@ class Trainer:
     def close(self, exit_code: int = 0) -> None:
         if self.tracker is not None:
             self.tracker.finish(exit_code)
+        if self.run_lock is not None:
+            self.run_lock.release()  # after the tracker's last write into run_dir
         self.stop.restore()
         if self._owns_group:
             distributed.cleanup()

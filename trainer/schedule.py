@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -142,11 +142,48 @@ def build_scheduler(
 ) -> LambdaLR:
     """LambdaLR over the optimizer's current lrs (set them to the scaled lr first).
 
-    On resume, `load_state_dict` restores the multiplier's fields from the checkpoint, so the schedule
-    of the original run wins over a changed config.
+    On resume, restore it with `resume`, not `load_state_dict` (which would overwrite the multiplier's
+    fields with the checkpoint's, so the old total would silently win over a changed config).
     """
     fn = make_multiplier(kind, total_steps, warmup_steps, warmup_start_factor, min_factor, milestones, gamma)
     return LambdaLR(optimizer, fn)
+
+
+Multiplier = WarmupCosine | WarmupStep
+
+
+def resume(scheduler: LambdaLR, saved: dict) -> tuple[bool, Multiplier | None]:
+    """Continue `saved` (a LambdaLR state_dict) from its step with the multiplier `scheduler` was built
+    with (the current config). Returns (changed, the checkpoint's multiplier or None if it cannot be
+    read back, e.g. written by another version): whether the lr now differs from the saved schedule's.
+
+    The step and base lrs come from the checkpoint; the optimizer's lrs (loaded with the optimizer, and
+    used by the next optimizer step) and `get_last_lr()` are set from the current multiplier at that
+    step: `base * fn(step)`, the expression LambdaLR itself uses, so an unchanged schedule resumes
+    bitwise. `None` entries in `lr_lambdas` are LambdaLR's own "nothing saved for this one" and keep the
+    current multiplier.
+    """
+    current: Multiplier = scheduler.lr_lambdas[0]
+    held = saved["lr_lambdas"][0]
+    step = saved["last_epoch"]
+    lrs = [base * current(step) for base in saved["base_lrs"]]
+    scheduler.load_state_dict({**saved, "lr_lambdas": [None] * len(saved["lr_lambdas"]), "_last_lr": lrs})
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    old = replace(current, **held) if isinstance(held, dict) and set(held) == set(vars(current)) else None
+    return old != current, old
+
+
+def describe_change(old: Multiplier | None, new: Multiplier, step: int, peak_lr: float) -> str:
+    """How the lr goes on after `step` completed steps under `new` rather than `old`, in one sentence."""
+    nxt = f"step {step + 1}, the first after the resume, trains at lr {peak_lr * new(step):.6g}"
+    if old is None:  # a checkpoint whose multiplier cannot be read back: nothing to compare with
+        return f"the lr schedule is rebuilt from the current config ({new}): {nxt}"
+    fields = ", ".join(f"{k} {v} -> {getattr(new, k)}" for k, v in vars(old).items() if getattr(new, k) != v)
+    ends = (f": cosine now ends at step {new.total_steps} instead of {old.total_steps}"
+            if isinstance(new, WarmupCosine) and old.total_steps != new.total_steps else "")
+    return (f"the lr schedule is rebuilt for the new length ({fields}){ends}; {nxt} "
+            f"(the old schedule: {peak_lr * old(step):.6g})")
 
 
 def describe(

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import JpegImagePlugin, UnidentifiedImageError
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -42,7 +42,7 @@ from trainer.data.streams import (
     TrainStream,
     seeded,
 )
-from trainer.data.transforms import BadSample, decode_bytes, parse_label
+from trainer.data.transforms import BadSample, check_pixels, decode_bytes, image_kind, parse_label
 
 JPEG_KEYS = ("jpg", "jpeg")
 GPU_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG decodes to RGB; CMYK/YCCK go to the CPU
@@ -74,11 +74,15 @@ def gpu_decodable(data: bytes) -> bool:
     """Whether nvJPEG can take this member: a JPEG in RGB or greyscale (reads the header only).
 
     `BadSample` when the header does not parse: the worker replaces the sample, as a decode error would."""
+    if image_kind(data) != "jpg":
+        return False  # decoded in the worker, through the CPU path's own checks
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.format == "JPEG" and im.mode in GPU_MODES
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        with JpegImagePlugin.JpegImageFile(io.BytesIO(data)) as im:  # the header only, no bomb check
+            size, mode = im.size, im.mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise BadSample(f"unreadable image header: {err}") from err
+    check_pixels(size, "image")  # nvJPEG would allocate whatever the header asks for
+    return mode in GPU_MODES
 
 
 class RawStream(TrainStream):

@@ -12,7 +12,14 @@ from typing import Literal
 
 from shards.info import InfoError as ShardSetError  # noqa: F401 - what callers of load() catch
 from shards.info import read_info
+from shards.writer import index_path
+from trainer.runtime.exits import RunFailure
 from trainer.runtime.files import sha256_file
+
+
+class ShardMismatch(RunFailure):
+    """A shard's bytes differ from what the manifest recorded: the data is damaged (exit 1)."""
+
 
 CheckMode = Literal["sha256", "size", "off"]
 
@@ -23,6 +30,7 @@ class Shard:
     num_samples: int
     bytes: int | None = None
     sha256: str | None = None
+    index_sha256: str | None = None  # of the `.idx` beside it; None where the manifest has none
 
     @property
     def name(self) -> str:
@@ -50,12 +58,14 @@ def load(root: str | Path, split: str) -> ShardSet:
     root = Path(root).expanduser()
     info = read_info(root)
     entries = info.split(split).shards
-    shards = tuple(Shard(root / s.filename, s.num_samples, s.bytes, s.sha256) for s in entries)
+    shards = tuple(Shard(root / s.filename, s.num_samples, s.bytes, s.sha256, s.index_sha256)
+                   for s in entries)
     return ShardSet(root, split, shards, info.classes)
 
 
 def check(shards: Sequence[Shard], mode: CheckMode) -> list[str]:
-    """One line per shard that disagrees with the manifest (missing, wrong size, wrong sha256)."""
+    """One line per shard or index file that disagrees with the manifest (missing, wrong size, wrong
+    sha256)."""
     if mode not in ("sha256", "size", "off"):
         raise ValueError(f"data.check must be sha256, size or off, got {mode!r}")
     problems: list[str] = []
@@ -65,6 +75,9 @@ def check(shards: Sequence[Shard], mode: CheckMode) -> list[str]:
         problem = _check_one(shard, mode)
         if problem:
             problems.append(f"{shard.path}: {problem}")
+        problem = _check_index(shard, mode)
+        if problem:
+            problems.append(problem)
     return problems
 
 
@@ -79,3 +92,32 @@ def _check_one(shard: Shard, mode: CheckMode) -> str | None:
         if digest != shard.sha256:
             return f"sha256 {digest[:12]}..., manifest says {shard.sha256[:12]}..."
     return None
+
+
+def _check_index(shard: Shard, mode: CheckMode) -> str | None:
+    """The `.idx` the reader follows, where the manifest recorded its digest: its lines say which
+    bytes are whose label, so an edited index mislabels samples of an intact tar."""
+    if shard.index_sha256 is None:
+        return None
+    index = index_path(shard.path)
+    if not index.is_file():
+        return f"{index}: index of {shard.name} missing (the manifest records its sha256)"
+    if mode == "sha256":
+        digest = sha256_file(index)
+        if digest != shard.index_sha256:
+            return (f"{index}: sha256 {digest[:12]}..., manifest says {shard.index_sha256[:12]}... "
+                    f"(edited or stale index of {shard.name})")
+    return None
+
+
+def check_across_ranks(shards: Sequence[Shard], mode: CheckMode, rank: int, world: int) -> None:
+    """Every rank checks its share of `shards`; all ranks learn every problem, so all stop together
+    (the training run and evaluate both check what they read before the first batch)."""
+    from trainer.runtime import distributed  # the process group, when there is one
+
+    mine = check(shards[rank::world], mode)
+    problems = [p for part in distributed.gather(mine, everywhere=True) for p in part]
+    if problems:
+        listing = "\n  ".join(problems)
+        raise ShardMismatch(f"shards disagree with the manifest (data.check={mode}; off skips this):\n"
+                            f"  {listing}")

@@ -24,12 +24,16 @@ Augmentation is seeded per sample from (seed, epoch, rank, worker, position), so
 after a resume, and differs across ranks and workers.
 
 A sample that cannot be decoded is replaced by the next one (the batch stays full), and is reported
-in `Batch.bad`; a shard whose bad samples exceed `max_bad_fraction` of its length stops the run with
-the shard named. Nothing sleeps per bad sample.
+in `Batch.bad` each time it is read (a slot that starts over on its shards reads it again); a shard
+whose bad samples, each (shard, key) counted once, exceed `max_bad_fraction` of its length stops the
+run with the shard named. Nothing sleeps per bad sample. A `.json` member that does not decode is bad
+metadata, not a bad sample: evaluation uses the image with empty metadata and reports it apart
+(`Batch.bad_meta` and a warning with the count).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +56,8 @@ from trainer.runtime.exits import RunFailure
 
 TAR_BLOCK = 512  # a tar member's header; its data follows
 
+log = logging.getLogger(__name__)
+
 
 class DataError(RunFailure, RuntimeError):
     """The data cannot feed this run (too few shards, a shard too corrupt); names the shard/setting."""
@@ -71,6 +77,7 @@ class Batch(NamedTuple):
     consumed: int = 0         # samples that worker has taken from its shuffled stream, this one included
     keys: tuple[str, ...] = ()    # evaluation only: each sample's key, and its `.json` metadata
     meta: tuple[dict, ...] = ()
+    bad_meta: tuple[BadRecord, ...] = ()  # evaluation only: samples used with empty metadata
 
 
 @dataclass
@@ -216,15 +223,43 @@ def _indexed(shard: Shard, index: Path) -> Iterator[dict]:
         for number, members in enumerate(samples, start=2):  # line 1 holds the version and count
             sample: dict = {"__url__": str(shard.path)}
             for ext, offset, size, name in members:
-                fh.seek(offset - TAR_BLOCK)
+                fh.seek(max(0, offset - TAR_BLOCK))
                 block = fh.read(TAR_BLOCK + size)
-                if len(block) != TAR_BLOCK + size or _member_name(block) != name:
+                problem = _header_problem(block, offset, name, size)
+                if problem:
                     raise DataError(f"{shard.path}: no member {name} at offset {offset} (from {index.name}, "
-                                    f"line {number}): truncated shard or stale index; check it with "
-                                    "python -m shards.verify")
+                                    f"line {number}): {problem}; truncated shard or stale index? check it "
+                                    "with python -m shards.verify")
                 sample[ext] = block[TAR_BLOCK:]
             sample["__key__"] = name[: -len(ext) - 1]
             yield sample
+
+
+def _header_problem(block: bytes, offset: int, name: str, size: int) -> str | None:
+    """Why `block` (512 header bytes, then the data) is not the member the index line describes: the
+    offset must be a block boundary after a header that gives that name and that size. Two field reads
+    (~3 us a member) instead of `tarfile`'s full parse; the header checksum is left out (~10 us a
+    member here), as a header that names the member at a block boundary is one in all but a crafted tar,
+    and a crafted header would carry a valid checksum too."""
+    if offset < TAR_BLOCK or offset % TAR_BLOCK:
+        return "not a tar block boundary"
+    if len(block) != TAR_BLOCK + size:
+        return "the file ends first"
+    found = _member_name(block)
+    if found != name:
+        return f"the tar header there names {found!r}"
+    given = _octal(block[124:136])
+    if given != size:
+        return f"the tar header there gives {given} bytes, the index {size}"
+    return None
+
+
+def _octal(field: bytes) -> int | None:
+    """A numeric ustar header field (NUL- or space-terminated octal); None when it is not one."""
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
 
 
 def _member_name(block: bytes) -> str:
@@ -234,20 +269,29 @@ def _member_name(block: bytes) -> str:
 
 
 class BadCounter:
-    """Per-shard bad-sample accounting; raises once a shard is past the allowed fraction."""
+    """Per-shard bad-sample accounting; raises once a shard is past the allowed fraction.
+
+    Each (shard, key) counts once: a slot that starts over on its shards, or a bootstrap repeat,
+    reads the same bad sample again, and 8 reads of 5 bad samples are 5 bad samples."""
 
     def __init__(self, shards: Sequence[Shard], max_fraction: float) -> None:
         self.lengths = {s.name: (s.num_samples, s.path) for s in shards}
         self.max_fraction = max_fraction
         self.counts: dict[str, int] = {}
+        self.seen: set[tuple[str, str]] = set()
 
-    def add(self, record: BadRecord) -> None:
+    def add(self, record: BadRecord) -> bool:
+        """Counts `record` unless its sample was counted before; whether it was new."""
+        if (record.shard, record.key) in self.seen:
+            return False
+        self.seen.add((record.shard, record.key))
         n = self.counts[record.shard] = self.counts.get(record.shard, 0) + 1
         length, path = self.lengths[record.shard]
         if n > self.max_fraction * length:
             raise DataError(f"{path}: {n} of its {length} samples are unusable, more than "
                             f"data.max_bad_fraction={self.max_fraction} "
                             f"(latest: {record.key}: {record.reason})")
+        return True
 
 
 # ---------------------------------------------------------------- training stream
@@ -364,7 +408,8 @@ class EvalStream(IterableDataset):
     """Every sample of the split exactly once across ranks x workers; the last batch may be short.
 
     Batches carry each sample's key and `.json` metadata (class, source path, per-sample features)
-    for prediction and feature export. `labelled=False` reads samples without a `.cls` (label -1).
+    for prediction and feature export; a `.json` that does not decode gives {} and a `bad_meta`
+    record. `labelled=False` reads samples without a `.cls` (label -1).
     """
 
     def __init__(self, shardset: ShardSet, transform: Callable[[Tensor], Tensor], batch_size: int,
@@ -390,25 +435,40 @@ class EvalStream(IterableDataset):
         keys: list[str] = []
         meta: list[dict] = []
         bad: list[BadRecord] = []
+        bad_meta: list[BadRecord] = []
+        reported_meta = 0
         for shard in mine:
             for sample in read_shard(shard):
+                key = sample.get("__key__", "?")
                 try:
                     image, label = decode(sample, self.num_classes, self.labelled)
-                    images.append(self.transform(image))
-                    labels.append(label)
-                    keys.append(sample["__key__"])
-                    meta.append(sample_metadata(sample))
+                    image = self.transform(image)
                 except BadSample as err:
-                    bad.append(BadRecord(shard.name, sample.get("__key__", "?"), str(err)))
+                    bad.append(BadRecord(shard.name, key, str(err)))
                     counter.add(bad[-1])
+                else:
+                    images.append(image)
+                    labels.append(label)
+                    keys.append(key)
+                    meta.append(_metadata_or_empty(sample, shard.name, bad_meta))
                 if len(images) == self.batch_size:
                     yield Batch(torch.stack(images), torch.tensor(labels), tuple(bad), keys=tuple(keys),
-                                meta=tuple(meta))
+                                meta=tuple(meta), bad_meta=tuple(bad_meta[reported_meta:]))
                     images, labels, keys, meta, bad = [], [], [], [], []
-        if images or bad:
+                    reported_meta = len(bad_meta)
+        if images or bad:  # bad metadata always comes with an image
             yield Batch(torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
                         torch.tensor(labels, dtype=torch.int64), tuple(bad), keys=tuple(keys),
-                        meta=tuple(meta))
+                        meta=tuple(meta), bad_meta=tuple(bad_meta[reported_meta:]))
+        if bad_meta:
+            first = bad_meta[0]
+            log.warning("%d sample(s) of %s have a .json member that does not decode: used with empty "
+                        "metadata (bad metadata, not bad samples), e.g. %s/%s: %s", len(bad_meta),
+                        ", ".join(sorted({b.shard for b in bad_meta})), first.shard, first.key, first.reason)
+
+
+class BadMetadata(ValueError):
+    """A sample's `.json` does not decode: its image and label may still be sound."""
 
 
 def sample_metadata(sample: dict) -> dict:
@@ -418,11 +478,21 @@ def sample_metadata(sample: dict) -> dict:
         return {}
     try:
         meta = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise BadSample(f".json is not valid JSON: {err}") from err
+    except (UnicodeDecodeError, ValueError) as err:  # bytes that are not UTF-8 included
+        raise BadMetadata(f".json is not valid UTF-8 JSON: {err}") from err
     if not isinstance(meta, dict):
-        raise BadSample(".json is not an object")
+        raise BadMetadata(".json is not an object")
     return meta
+
+
+def _metadata_or_empty(sample: dict, shard: str, bad_meta: list[BadRecord]) -> dict:
+    """The sample's metadata, or {} with a record in `bad_meta`: metadata is a by-product of an
+    evaluation, and an unreadable one must not drop a sound image (nor stop a run as a bad sample)."""
+    try:
+        return sample_metadata(sample)
+    except BadMetadata as err:
+        bad_meta.append(BadRecord(shard, sample.get("__key__", "?"), str(err)))
+        return {}
 
 
 # ---------------------------------------------------------------- loaders (the contract)

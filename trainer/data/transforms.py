@@ -2,25 +2,36 @@
 
 Images leave the loader as uint8 [3, H, W]: a quarter of the bytes of float32 through the worker
 queues and the host-to-device copy. Scaling and normalisation happen on the device (`Normalize`),
-as in timm's prefetcher and NVIDIA's DALI pipelines. Decoding uses `torchvision.io`, which decodes
-JPEG about 1.5x faster than PIL on our CPUs (field notes).
+as in timm's prefetcher and NVIDIA's DALI pipelines. JPEG and WebP are decoded by `torchvision.io`,
+which decodes JPEG about 1.5x faster than PIL on our CPUs (field notes); PNG and GIF by PIL, because
+torchvision's libpng error path kills the process (SIGSEGV) on a corrupt PNG (measured below). Every
+image's size is read from its header before any decoder allocates for it.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from torch import Tensor, nn
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+
+from shards.images import to_rgb
 
 # members that may hold the image, in the order they are looked for (shards.build writes jpg/png/webp)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif")
 AUGMENTS = ("none", "trivialaugment", "colorjitter")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# shards.build's default max_pixels (PIL's own bomb limit): nothing larger is stored, nothing larger decoded
+MAX_PIXELS = 89_478_485
+_HEADER_READERS = {"jpg": JpegImagePlugin.JpegImageFile, "png": PngImagePlugin.PngImageFile,
+                   "gif": GifImagePlugin.GifImageFile, "webp": WebPImagePlugin.WebPImageFile}
 
 # torchvision 0.29 marks torchvision.io's decoders deprecated in favour of TorchCodec and warns on every
 # call; they remain the fastest CPU decoders installed here, and one warning per image floods the logs
@@ -55,21 +66,78 @@ def decode(sample: dict, num_classes: int, labelled: bool = True) -> tuple[Tenso
     return decode_bytes(sample[key], f".{key}"), label
 
 
-def decode_bytes(data: bytes, what: str) -> Tensor:
+def decode_bytes(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> Tensor:
     """uint8 [3, H, W] RGB from encoded image bytes; `BadSample` names `what` when they do not decode.
 
-    An animated GIF gives its first frame and a 16-bit PNG is scaled to 8 bits: what `shards.build`
-    stores for them, and what the models are trained on."""
+    The container is identified by its signature and the header's size checked against `max_pixels`
+    before decoding. An animated GIF gives its first frame and a 16-bit PNG is scaled to 8 bits: what
+    `shards.build` stores for them, and what the models are trained on."""
     if not data:
         raise BadSample(f"empty {what} (0 bytes)")
+    kind = image_kind(data)
+    if kind is None:
+        raise BadSample(f"undecodable {what}: not a JPEG, PNG, WebP or GIF (starts {data[:8]!r})")
+    check_pixels(header_size(data, kind, what), what, max_pixels)
+    if kind in ("png", "gif"):
+        return _decode_pil(data, kind, what)
     try:
         # bytearray: frombuffer needs a writable buffer; the copy is a few KB
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as err:
-        raise BadSample(f"undecodable {what}: {str(err).splitlines()[0][:200]}") from err
+        raise BadSample(f"undecodable {what}: {_reason(err)}") from err
     if image.ndim == 4:
         image = image[0]
     return v2.functional.to_dtype(image, torch.uint8, scale=True) if image.dtype != torch.uint8 else image
+
+
+def check_pixels(size: tuple[int, int], what: str, max_pixels: int = MAX_PIXELS) -> None:
+    """`BadSample` for an image whose header promises more pixels than `max_pixels` (a bomb)."""
+    width, height = size
+    if width * height > max_pixels:
+        raise BadSample(f"{what} too large: {width}x{height} = {width * height:,} pixels > limit "
+                        f"{max_pixels:,}")
+
+
+def image_kind(data: bytes) -> str | None:
+    """"jpg", "png", "webp" or "gif" from the file signature; None for anything else."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return None
+
+
+def header_size(data: bytes, kind: str, what: str) -> tuple[int, int]:
+    """(width, height) from the header alone: PIL's plugin for the format opens lazily (~30 us), so
+    nothing is decoded or allocated for the pixels, and no decompression-bomb check of its own runs."""
+    try:
+        with _HEADER_READERS[kind](io.BytesIO(data)) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as err:
+        raise BadSample(f"undecodable {what}: unreadable {kind} header: {_reason(err)}") from err
+
+
+def _decode_pil(data: bytes, kind: str, what: str) -> Tensor:
+    """PNG and GIF through PIL, whose errors are exceptions: torchvision 0.29's libpng error path
+    (any IDAT damage: bad filter value, incorrect data check) ends the process with SIGSEGV."""
+    opener = PngImagePlugin.PngImageFile if kind == "png" else GifImagePlugin.GifImageFile
+    try:
+        with opener(io.BytesIO(data)) as im:
+            im.load()
+            pixels = np.array(to_rgb(im))
+    # DecompressionBombError: a GIF frame larger than the screen its header declares
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombError) as err:
+        raise BadSample(f"undecodable {what}: {_reason(err)}") from err
+    return torch.from_numpy(pixels).permute(2, 0, 1)  # HWC memory, as torchvision gives JPEGs
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def parse_label(raw: bytes | None, num_classes: int) -> int:

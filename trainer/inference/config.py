@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.info import InfoError, read_info
-from trainer.config import LoggerConfig, LoggerMode
+from trainer.config import Check, LoggerConfig, LoggerMode
 from trainer.runtime.choices import Choice
 from trainer.runtime.exits import ConfigError
 
@@ -94,6 +94,7 @@ class ExportConfig(BagChoice):
 class EvalData:
     shards: str = "???"             # a folder written by shards.build
     split: str = "test"
+    check: Check = Check.sha256     # compare the split's shards with the manifest first: sha256 | size | off
 
 
 @dataclass

@@ -25,7 +25,7 @@ from trainer.inference.config import EvaluateConfig
 from trainer.inference.confusion import Confusion
 from trainer.inference.ensemble import ProbabilityMetrics, combine
 from trainer.inference.members import augment_config, input_transform, load_bag, probabilities
-from trainer.runtime import distributed
+from trainer.runtime import distributed, lock
 from trainer.runtime.choices import plain
 from trainer.runtime.exits import ConfigError
 from trainer.runtime.files import atomic_write
@@ -44,6 +44,7 @@ def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -
     """The report (see `FILES`) as a dict; the same on every rank."""
     members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
     split = shardset.load(cfg.data.shards, cfg.data.split)
+    shardset.check_across_ranks(split.shards, cfg.data.check, rank, world)  # a flipped label byte shows
     if members[0].classes != list(split.classes):
         raise ConfigError(f"the bag was trained on other classes than {cfg.data.shards} has")
     unknown = sorted(set(cfg.exclude_classes) - set(split.classes))
@@ -179,14 +180,17 @@ def log_to_wandb(cfg: EvaluateConfig, report: dict, files: dict[str, Path], out:
 def run(cfg: EvaluateConfig) -> int:
     env = distributed.detect()
     device = distributed.init(env, cfg.dist_timeout_s)
+    out = Path(cfg.out or cfg.bag)
     try:
-        report = evaluate(cfg, env.rank, env.world_size, device)
-        if distributed.is_main(env):
-            out = Path(cfg.out or cfg.bag)
-            files = write_report(report, out, cfg.plots)
-            if cfg.logger.mode != "disabled":
-                log_to_wandb(cfg, report, files, out)
-            print(markdown(report) + "\nwritten: " + ", ".join(str(p) for p in files.values()))
+        # taken before the work, so a second writer is refused at once; the output folder only: a bag's
+        # members keep their own locks, which a training of one of them holds
+        with lock.writing(out, "evaluate", env):
+            report = evaluate(cfg, env.rank, env.world_size, device)
+            if distributed.is_main(env):
+                files = write_report(report, out, cfg.plots)
+                if cfg.logger.mode != "disabled":
+                    log_to_wandb(cfg, report, files, out)
+                print(markdown(report) + "\nwritten: " + ", ".join(str(p) for p in files.values()))
         return 0
     finally:
         distributed.cleanup()

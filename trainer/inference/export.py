@@ -36,6 +36,7 @@ from trainer import model
 from trainer.checkpoint import Checkpointer
 from trainer.data.transforms import AugmentConfig, Normalize, eval_transform
 from trainer.inference.members import member_dirs
+from trainer.runtime import lock
 from trainer.runtime.exits import ConfigError, UsageError
 from trainer.runtime.files import atomic_write, sha256_file
 from trainer.state import TrainingState
@@ -67,6 +68,12 @@ def export_bag(bag: Path, subset: list[str], which: str, out: Path | None = None
     found = member_dirs(bag, subset)
     out = Path(out) if out is not None else bag / "export"
     out.mkdir(parents=True, exist_ok=True)
+    with lock.writing(out, "export"):
+        return out, _export_into(out, bag, found, which)
+
+
+def _export_into(out: Path, bag: Path, found: list[tuple[str, Path]], which: str) -> list[dict]:
+    """The files of `export_bag`, written while it holds `out`'s lock; returns each member's metadata."""
     metas = [export_member(name, run_dir, which, out) for name, run_dir in found]
     for meta in metas[1:]:
         if meta["classes"] != metas[0]["classes"]:
@@ -80,7 +87,7 @@ def export_bag(bag: Path, subset: list[str], which: str, out: Path | None = None
                      "model": m["model"]} for m in metas],
     }
     atomic_write(out / "bag.json", json.dumps(record, indent=1) + "\n")
-    return out, metas
+    return metas
 
 
 def export_member(name: str, run_dir: Path, which: str, out: Path) -> dict:

@@ -32,7 +32,7 @@ from trainer.inference import members as bag_members
 from trainer.inference.config import FeaturesConfig
 from trainer.inference.ensemble import combine
 from trainer.inference.members import Member, embeddings, load_bag
-from trainer.runtime import distributed
+from trainer.runtime import distributed, lock
 from trainer.runtime.exits import ConfigError
 from trainer.runtime.files import atomic_path, atomic_write
 
@@ -291,9 +291,11 @@ def report(split: str, entry: dict, out: Path) -> None:
 def run(cfg: FeaturesConfig) -> int:
     env = distributed.detect()
     device = distributed.init(env, cfg.dist_timeout_s)
+    out = Path(cfg.out or Path(cfg.bag) / "features")  # as export() writes it
     try:
-        export(cfg, env.rank, env.world_size, device)
-        distributed.barrier()  # a rank-0 failure while writing fails every rank, not only rank 0
+        with lock.writing(out, "features", env):
+            export(cfg, env.rank, env.world_size, device)
+            distributed.barrier()  # a rank-0 failure while writing fails every rank, not only rank 0
         return 0
     finally:
         distributed.cleanup()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from trainer.runtime.exits import ConfigError
 from trainer.state import TrainingState
 
 log = logging.getLogger(__name__)
+MEMBER_NAME = re.compile(r"[A-Za-z0-9_-]+")  # one path component that stays in the bag
 TTA = ("none", "hflip", "fivecrop", "tencrop")
 
 
@@ -49,8 +51,7 @@ class Member:
 def member_dirs(bag: Path, subset: list[str]) -> list[tuple[str, Path]]:
     """(name, run directory) of each member of a bag (`bag.json`) or of a single run directory."""
     if (bag / "bag.json").is_file():
-        names = [m["name"] for m in json.loads((bag / "bag.json").read_text())["members"]]
-        found = [(n, bag / n) for n in names]
+        found = [(n, bag / n) for n in bag_member_names(bag / "bag.json")]
     elif (bag / "checkpoints").is_dir():
         found = [(bag.name, bag)]
     else:
@@ -61,6 +62,20 @@ def member_dirs(bag: Path, subset: list[str]) -> list[tuple[str, Path]]:
             raise ConfigError(f"members: {unknown} not in {str(bag)!r} (has {[n for n, _ in found]})")
         found = [(n, d) for n, d in found if n in subset]
     return found
+
+
+def bag_member_names(path: Path) -> list[str]:
+    """The member names a `bag.json` lists. A name is used as a folder and a file name (export), so
+    one that could leave the bag (`../x`, `a/b`) or is not a plain name is refused, naming it."""
+    try:
+        names = [m["name"] for m in json.loads(path.read_bytes())["members"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: not a bag description ({err!r})") from None
+    for name in names:
+        if not isinstance(name, str) or not MEMBER_NAME.fullmatch(name):
+            raise ConfigError(f"{path}: member name {name!r} is not a plain name ([A-Za-z0-9_-], as "
+                              "taxotrain-bag writes them); refusing to use it as a path")
+    return names
 
 
 def load_member(name: str, run_dir: Path, which: str, device: torch.device) -> Member:

@@ -30,7 +30,7 @@ from shards import images as shard_images
 from shards.sources import walk  # the same hidden-file rules as shards.build's listing
 from trainer.data import shardset
 from trainer.data import streams as data
-from trainer.data.transforms import BadSample, decode_bytes
+from trainer.data.transforms import MAX_PIXELS, BadSample, decode_bytes, image_kind
 from trainer.inference.config import PredictConfig
 from trainer.inference.ensemble import combine
 from trainer.inference.members import (
@@ -40,15 +40,16 @@ from trainer.inference.members import (
     load_bag,
     probabilities,
 )
-from trainer.runtime import distributed
+from trainer.runtime import distributed, files, lock
 from trainer.runtime.exits import ConfigError
 from trainer.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
-# torchvision decodes these; BMP and TIFF go through PIL as shards.build stores them (re-encoded as PNG)
+# decode_bytes decodes these; BMP and TIFF go through PIL as shards.build stores them (re-encoded as PNG)
 DECODED = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif")
 CONVERTED = (".bmp", ".tif", ".tiff")
-MAX_PIXELS = 89_478_485  # shards.build's default decompression-bomb limit, for the PIL path
+# a generous cap, refused from stat before any read: a few hundred MB is already a very large image file
+MAX_FILE_BYTES = 1 << 30
 
 
 
@@ -90,16 +91,27 @@ def list_images(root: Path) -> tuple[list[str], Counter]:
 
 def read_image(path: Path) -> Tensor:
     """uint8 [3, H, W] RGB from an image file; `BadSample` says why it cannot be used."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise BadSample(f"unreadable file: {err.strerror or err}") from err
+    raw = read_regular(path)
     if not raw:
         raise BadSample("empty file (0 bytes)")
+    if image_kind(raw) is None:  # BMP, TIFF...: what shards.build would store; its own pixel limit
+        raw = _via_pil(raw, path.name)
+    return decode_bytes(raw, "image")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES; `BadSample` for anything else.
+
+    Judged by `stat` (following symlinks) before opening: a FIFO named like an image would block the
+    open forever, and /dev/zero behind `x.png` would be read until memory runs out."""
     try:
-        return decode_bytes(raw, "image")
-    except BadSample:
-        return decode_bytes(_via_pil(raw, path.name), "image")
+        return files.read_regular(path, MAX_FILE_BYTES)
+    except files.SpecialFile as err:
+        raise BadSample(f"not a regular file ({err.kind})") from None
+    except files.TooLarge as err:
+        raise BadSample(err.reason) from None
+    except OSError as err:
+        raise BadSample(f"unreadable file: {err.strerror or err}") from err
 
 
 def _via_pil(raw: bytes, name: str) -> bytes:
@@ -255,12 +267,14 @@ def summary(result: Result, out: Path, sibling: Path) -> str:
 def run(cfg: PredictConfig) -> int:
     env = distributed.detect()
     device = distributed.init(env, cfg.dist_timeout_s)
+    out = cfg.out_path()
     try:
-        result = predict(cfg, env.rank, env.world_size, device)
-        if result is not None:
-            out = cfg.out_path()
-            sibling = write(result, out, cfg.is_shards)
-            print(summary(result, out, sibling))
+        # the folder of the output file: its .unreadable sibling goes there too
+        with lock.writing(out.parent, "predict", env):
+            result = predict(cfg, env.rank, env.world_size, device)
+            if result is not None:
+                sibling = write(result, out, cfg.is_shards)
+                print(summary(result, out, sibling))
         return 0
     finally:
         distributed.cleanup()

@@ -54,6 +54,9 @@ def train_bag(cfg: schema.BagRunConfig) -> int:
     members = [member_config(cfg, i) for i in range(cfg.bag.members)]
     chosen = members if cfg.bag.only is None else [members[cfg.bag.only]]
     if distributed.is_main() and not cfg.launcher.dry_run:
+        # No lock on the bag folder: members are run_dirs of their own, each locked by its Trainer, and
+        # `bag.only=i` launches of one bag run side by side by design. Each may write bag.json: through its
+        # own temporary and a rename (never removing another's), and one bag's launches write equal bytes.
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         atomic_write(Path(cfg.run_dir) / BAG_FILE, json.dumps(describe(cfg, members), indent=1) + "\n")
     if cfg.launcher.kind == schema.LauncherKind.slurm:

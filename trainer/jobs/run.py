@@ -11,7 +11,9 @@ import logging
 
 from trainer import config as schema
 from trainer.runtime import distributed
+from trainer.runtime.choices import plain
 from trainer.runtime.exits import EXIT_FAILED, RunFailure, UsageError, exit_code
+from trainer.tracking import provenance
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ def dispatch(cfg: schema.TrainConfig, multirun: bool) -> int:
         return run(cfg)
     from trainer.jobs import slurm
 
+    # warn on the login node, not only once the job starts: the script Submitit writes holds the secret
+    provenance.redact_config(plain(cfg), warn=True)
     if multirun:
         slurm.defer(cfg)
         return 0

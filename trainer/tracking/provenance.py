@@ -6,11 +6,17 @@
   history of every start (host, argv, git commit, package versions, SLURM allocation) instead of
   overwriting the first one.
 
-Secrets reach a run through three doors, and all three are redacted by *name*, never by guessing at
-values: config keys (`logger.api_key`), the command line (`logger.api_token=...`, `--token ...`) and
-environment variables. Only `SLURM_*` and `CUDA_VISIBLE_DEVICES` are recorded from the environment:
-dumping all of it would copy `WANDB_API_KEY` and friends into every run directory. Passwords embedded in
-URLs (`https://user:pass@host`) are stripped wherever a string is recorded.
+Secrets reach a run through config keys (`logger.api_key`), the command line (`logger.api_token=...`,
+`--token ...`), environment variables, and plain strings that carry them (a `launcher.setup` line
+`export WANDB_API_KEY=...`, a URL in `logger.name`). Redaction therefore works by name *and* by value:
+- a key, argument or variable whose *name* looks secret (`SECRET_PATTERN`) has its value replaced;
+- inside every recorded string (`redact_text`): the values of environment variables named like secrets
+  (`*_KEY`, `*_TOKEN`, `*_SECRET`, `*PASSWORD*`), `NAME=value` / `export NAME=value` assignments to a
+  secret-looking name, and URL passwords (`scheme://user:pass@host` keeps the user).
+Only `SLURM_*` and `CUDA_VISIBLE_DEVICES` are recorded from the environment: dumping all of it would copy
+`WANDB_API_KEY` and friends into every run directory. `redact_config` is what the trainer records
+(config.yaml, provenance, checkpoints, W&B) and warns, naming the keys, when a config string held a
+secret: the run still uses the real value (the launcher reads the typed config), but the place is wrong.
 
 Provenance is a best-effort record: a missing git, an unreadable repository or an absent package yields
 `null`, never an exception that would stop a training job from starting.
@@ -18,6 +24,7 @@ Provenance is a best-effort record: a missing git, an unreadable repository or a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -30,10 +37,22 @@ from pathlib import Path
 
 from trainer.runtime.files import atomic_write
 
+log = logging.getLogger(__name__)
+
 REDACTED = "<redacted>"
 SECRET_PATTERN = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
-# scheme://user:password@host -> keep the user (useful) and drop the password.
-_URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^/\s@]+@")
+# scheme://user:password@host -> keep the user (useful) and drop the password. Greedy up to the last `@`
+# before the path, so a password holding an `@` goes whole.
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^/\s]+@")
+# Environment variables whose values are removed from every recorded string. Narrower than
+# SECRET_PATTERN because a value is replaced wherever it occurs: SSH_AUTH_SOCK's path or XAUTHORITY
+# would blank unrelated text.
+SECRET_ENV_PATTERN = re.compile(r"(?:^|_)(?:KEY|TOKEN|SECRET)$|PASSW(?:OR)?D", re.IGNORECASE)
+# Shorter values ("1", "true") would blank unrelated text; no real credential is this short.
+MIN_SECRET_LEN = 6
+# NAME=value, export NAME=value, --name=value inside a string (shell lines, URLs' query strings); an
+# unquoted value ends at a shell separator, or at `,`/`]` of a Hydra list on the command line
+_ASSIGNMENT = re.compile(r"\b([A-Za-z_][\w.-]*)=(\"[^\"]*\"|'[^']*'|[^\s;&|'\",\]]+)")
 PACKAGES = (
     "torch", "torchvision", "webdataset", "hydra-core", "omegaconf", "wandb", "numpy",
     "nvidia-dali-cuda130", "submitit", "taxotrain",
@@ -48,6 +67,26 @@ def is_secret_name(name: object) -> bool:
 
 def _strip_url_password(text: str) -> str:
     return _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+
+
+def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of the environment's secret-named variables, longest first (a key containing another
+    goes whole)."""
+    env = os.environ if environ is None else environ
+    values = {v for n, v in env.items() if SECRET_ENV_PATTERN.search(n) and len(v) >= MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def _redact_assignment(match: re.Match[str]) -> str:
+    name = match.group(1)
+    return f"{name}={REDACTED}" if is_secret_name(name) else match.group(0)
+
+
+def redact_text(text: str, env_values: Sequence[str] | None = None) -> str:
+    """`text` without secret environment values, secret-named assignments and URL passwords."""
+    for value in secret_env_values() if env_values is None else env_values:
+        text = text.replace(value, REDACTED)
+    return _strip_url_password(_ASSIGNMENT.sub(_redact_assignment, text))
 
 
 def redact_argv(argv: Sequence[str]) -> list[str]:
@@ -67,29 +106,59 @@ def redact_argv(argv: Sequence[str]) -> list[str]:
             # A bare `--token` flag: its value is the next argument. Over-redacting a boolean flag's
             # neighbour is harmless; leaking the value is not.
             redact_next = arg.startswith("-") and not eq and is_secret_name(arg)
-            out.append(_strip_url_password(arg))
+            out.append(redact_text(arg))
     return out
 
 
-def _redact_value(value: object) -> object:
+def _redact_value(value: object, env_values: Sequence[str]) -> object:
     if isinstance(value, Mapping):
-        return redact_mapping(value)
+        return redact_mapping(value, env_values)
     if isinstance(value, str):
-        return _strip_url_password(value)
+        return redact_text(value, env_values)
     if isinstance(value, Sequence | set | frozenset) and not isinstance(value, bytes | bytearray):
-        return [_redact_value(v) for v in value]
+        return [_redact_value(v, env_values) for v in value]
     return value
 
 
-def redact_mapping(d: Mapping) -> dict:
-    """A plain-dict copy with the value of every secret-named key (at any depth) replaced.
+def redact_mapping(d: Mapping, env_values: Sequence[str] | None = None) -> dict:
+    """A plain-dict copy with the value of every secret-named key (at any depth) replaced, and every
+    string passed through `redact_text`.
 
     `None` stays `None`: "no key was set" is useful when debugging and reveals nothing.
     """
+    env_values = secret_env_values() if env_values is None else env_values
     return {
-        key: (REDACTED if value is not None and is_secret_name(key) else _redact_value(value))
+        key: (REDACTED if value is not None and is_secret_name(key) else _redact_value(value, env_values))
         for key, value in d.items()
     }
+
+
+def _strings(value: object, path: str) -> list[tuple[str, str]]:
+    """(dotted key, string) of every string in a plain config; list items as `key[i]`."""
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, Mapping):
+        return [s for k, v in value.items() for s in _strings(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list | tuple):
+        return [s for i, v in enumerate(value) for s in _strings(v, f"{path}[{i}]")]
+    return []
+
+
+def redact_config(config: Mapping, *, warn: bool = True) -> dict:
+    """`redact_mapping(config)`, warning once (with `warn`) about the keys whose strings held a secret.
+
+    The warning names keys, never values. A secret in `launcher.setup` still reaches the sbatch script
+    (it must run there), so the advice is to keep it out of the config altogether.
+    """
+    env_values = secret_env_values()
+    held = [key for key, text in _strings(config, "") if redact_text(text, env_values) != text]
+    if warn and held:
+        log.warning("%s held a secret (a secret environment variable's value, a NAME=value assignment to "
+                    "a secret-looking name, or a URL password): redacted in config.yaml, provenance, "
+                    "checkpoints and W&B, but the job still sees it; export it in the job environment "
+                    "(e.g. before sbatch) or keep it in ~/.netrc instead of the config",
+                    ", ".join(held))
+    return redact_mapping(config, env_values)
 
 
 def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
@@ -144,7 +213,7 @@ def launch_env() -> dict[str, str]:
     """`SLURM_*` and `CUDA_VISIBLE_DEVICES`, recorded (not interpreted: distributed.py does that)."""
     names = sorted(n for n in os.environ if n.startswith("SLURM_"))
     names += [n for n in EXTRA_ENV if n in os.environ]
-    return {n: REDACTED if is_secret_name(n) else _strip_url_password(os.environ[n]) for n in names}
+    return {n: REDACTED if is_secret_name(n) else redact_text(os.environ[n]) for n in names}
 
 
 def _plain(config: Mapping) -> dict:

@@ -26,8 +26,9 @@ the rest of the run and metrics.jsonl carries on.
 Privacy: W&B by default records the command line, every `SLURM_*` variable, git state, a pip freeze and
 console output (measured with wandb 0.31: argv and SLURM values land in the run's `.wandb` file, the
 config in `wandb/debug.log`). Any of these can hold secrets (an override like `logger.api_key=...`, a
-`git+https://token@...` requirement), so they are all switched off (`_PRIVATE`) and the config is
-redacted before W&B sees it; `provenance.write()` records what is needed, redacted. Should a future
+`git+https://token@...` requirement), so they are all switched off (`_PRIVATE`), and the config, the
+run name and the project are redacted (by key name and by value, `provenance.redact_mapping`/`redact_text`)
+before W&B sees them; `provenance.write()` records what is needed, redacted. Should a future
 wandb reject one of these settings, init fails and W&B is off: privacy fails closed.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from trainer.runtime.files import atomic_write
-from trainer.tracking.provenance import redact_mapping
+from trainer.tracking.provenance import redact_mapping, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,10 @@ class Tracker:
             settings = wandb.Settings(
                 init_timeout=init_s, x_service_wait=init_s, finish_timeout=finish_s, **_PRIVATE
             )
+            # the name too: a URL with a password or a key in logger.name lands in the run's files
             run = wandb.init(
-                mode=mode, dir=str(self.run_dir), project=project, name=name, id=self.run_id,
+                mode=mode, dir=str(self.run_dir), project=redact_text(project),
+                name=None if name is None else redact_text(name), id=self.run_id,
                 resume="allow", config=redact_mapping(config), settings=settings,
                 # Independent of any other run in the process: we only ever call methods on `run`.
                 reinit="create_new",
