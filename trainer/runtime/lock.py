@@ -95,6 +95,7 @@ class FolderLock:
         self.tool, self.active = tool, active
         self._fd: int | None = None
         self._pid = 0
+        self._made: list[Path] = []  # folders this lock created: removed again if left empty
 
     @property
     def held(self) -> bool:
@@ -105,6 +106,7 @@ class FolderLock:
         up to `PREDECESSOR_WAIT_S` for its own previous run's lock); returns self."""
         if not self.active or self.held:
             return self
+        self._made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         waiting_since = None
         while (fd := self._try_lock()) is None:
@@ -132,6 +134,9 @@ class FolderLock:
             self.path.unlink()  # still locked: whoever opened the old file retries on a fresh one
         with contextlib.suppress(OSError):
             os.close(fd)  # closing the last descriptor releases the flock
+        for made in self._made:  # a tool that failed before writing leaves no empty folder behind
+            with contextlib.suppress(OSError):  # not empty: the tool wrote there, keep it
+                made.rmdir()
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
