@@ -11,14 +11,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from trainer.runtime.choices import Choice
-from trainer.runtime.exits import ConfigError
+from trainer.runtime.exits import require
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
 
 
 class Stage(Choice):
@@ -69,9 +64,9 @@ class SplitConfig:
     test: float = 0.1
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.val < 1.0, "split.val", f"must be in [0, 1), got {self.val}")
-        _check(0.0 <= self.test < 1.0, "split.test", f"must be in [0, 1), got {self.test}")
-        _check(self.val + self.test < 1.0, "split", "val + test must leave some training data")
+        require(0.0 <= self.val < 1.0, "split.val", f"must be in [0, 1), got {self.val}")
+        require(0.0 <= self.test < 1.0, "split.test", f"must be in [0, 1), got {self.test}")
+        require(self.val + self.test < 1.0, "split", "val + test must leave some training data")
 
 
 @dataclass
@@ -81,8 +76,8 @@ class ShardSizeConfig:
     maxsize: int = 1_000_000_000
 
     def __post_init__(self) -> None:
-        _check(self.maxcount > 0, "shard.maxcount", f"must be > 0, got {self.maxcount}")
-        _check(self.maxsize > 0, "shard.maxsize", f"must be > 0, got {self.maxsize}")
+        require(self.maxcount > 0, "shard.maxcount", f"must be > 0, got {self.maxcount}")
+        require(self.maxsize > 0, "shard.maxsize", f"must be > 0, got {self.maxsize}")
 
 
 @dataclass
@@ -92,8 +87,8 @@ class ResizeConfig:
     quality: int = 90
 
     def __post_init__(self) -> None:
-        _check(self.max_side is None or self.max_side > 0, "resize.max_side", "must be > 0")
-        _check(1 <= self.quality <= 100, "resize.quality", f"must be in [1, 100], got {self.quality}")
+        require(self.max_side is None or self.max_side > 0, "resize.max_side", "must be > 0")
+        require(1 <= self.quality <= 100, "resize.quality", f"must be in [1, 100], got {self.quality}")
 
 
 @dataclass
@@ -116,12 +111,12 @@ class ShardConfig:
     progress: bool | None = None  # None = when stderr is a terminal
 
     def __post_init__(self) -> None:
-        _check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
-        _check(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
-        _check(self.max_pixels > 0, "max_pixels", "must be > 0")
-        _check(self.task_count >= 1, "task_count", "must be >= 1")
-        _check(0 <= self.task_index < self.task_count, "task_index",
-               f"must be in [0, task_count={self.task_count}), got {self.task_index}")
+        require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        require(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
+        require(self.max_pixels > 0, "max_pixels", "must be > 0")
+        require(self.task_count >= 1, "task_count", "must be >= 1")
+        require(0 <= self.task_index < self.task_count, "task_index",
+                f"must be in [0, task_count={self.task_count}), got {self.task_index}")
 
 
 @dataclass

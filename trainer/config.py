@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.runtime.choices import Choice
-from trainer.runtime.exits import ConfigError
+from trainer.runtime.exits import ConfigError, require
 
 
 class Check(Choice):
@@ -76,11 +76,6 @@ class BagStrategy(Choice):
     seed = "seed"
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
 @dataclass
 class DataConfig:
     shards: str = "???"
@@ -108,19 +103,19 @@ class DataConfig:
     fraction_seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.crop_size > 0, "data.crop_size", "must be > 0")
-        _check(0 < self.eval_crop_ratio <= 1, "data.eval_crop_ratio", "must be in (0, 1]")
-        _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "data.scale",
-               "must be [low, high] with 0 < low <= high <= 1")
-        _check(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
-        _check(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "data.mean/std",
-               "need 3 values each, std > 0")
-        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
-        _check(0 <= self.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
-        _check(self.synthetic_samples > 0 and self.synthetic_classes > 0, "data.synthetic_*", "must be > 0")
-        _check(self.bootstrap_member is None or self.bootstrap_member >= 0, "data.bootstrap_member",
-               "must be >= 0 or null")
-        _check(0 < self.fraction <= 1, "data.fraction", f"must be in (0, 1], got {self.fraction}")
+        require(self.crop_size > 0, "data.crop_size", "must be > 0")
+        require(0 < self.eval_crop_ratio <= 1, "data.eval_crop_ratio", "must be in (0, 1]")
+        require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "data.scale",
+                "must be [low, high] with 0 < low <= high <= 1")
+        require(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
+        require(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "data.mean/std",
+                "need 3 values each, std > 0")
+        require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        require(0 <= self.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
+        require(self.synthetic_samples > 0 and self.synthetic_classes > 0, "data.synthetic_*", "must be > 0")
+        require(self.bootstrap_member is None or self.bootstrap_member >= 0, "data.bootstrap_member",
+                "must be >= 0 or null")
+        require(0 < self.fraction <= 1, "data.fraction", f"must be in (0, 1], got {self.fraction}")
 
 
 @dataclass
@@ -130,7 +125,7 @@ class DaliConfig:
     threads: int = 4        # DALI worker threads per rank
 
     def __post_init__(self) -> None:
-        _check(self.threads >= 1, "loader.dali.threads", "must be >= 1")
+        require(self.threads >= 1, "loader.dali.threads", "must be >= 1")
 
 
 @dataclass
@@ -144,9 +139,9 @@ class LoaderConfig:
     dali: DaliConfig = field(default_factory=DaliConfig)
 
     def __post_init__(self) -> None:
-        _check(self.batch_size > 0, "loader.batch_size", "must be > 0")
-        _check(self.workers >= 0, "loader.workers", "must be >= 0")
-        _check(self.prefetch >= 1, "loader.prefetch", "must be >= 1")
+        require(self.batch_size > 0, "loader.batch_size", "must be > 0")
+        require(self.workers >= 0, "loader.workers", "must be >= 0")
+        require(self.prefetch >= 1, "loader.prefetch", "must be >= 1")
 
 
 @dataclass
@@ -159,7 +154,7 @@ class ModelConfig:
     sync_bn: bool = False
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "model.name", "must be set")
+        require(bool(self.name), "model.name", "must be set")
 
 
 @dataclass
@@ -176,14 +171,14 @@ class OptimConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.base_lr > 0, "optim.base_lr", "must be > 0")
-        _check(self.base_batch > 0, "optim.base_batch", "must be > 0")
-        _check(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
-        _check(not self.nesterov or self.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
-        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
-        _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
+        require(self.base_lr > 0, "optim.base_lr", "must be > 0")
+        require(self.base_batch > 0, "optim.base_batch", "must be > 0")
+        require(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
+        require(not self.nesterov or self.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        require(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+        require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
+        require(0 <= self.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
 
 
 @dataclass
@@ -197,9 +192,9 @@ class ScheduleConfig:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
-        _check(self.warmup_start_factor is None or 0 <= self.warmup_start_factor <= 1,
-               "schedule.warmup_start_factor", "must be in [0, 1] or null")
+        require(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+        require(self.warmup_start_factor is None or 0 <= self.warmup_start_factor <= 1,
+                "schedule.warmup_start_factor", "must be in [0, 1] or null")
 
 
 @dataclass
@@ -218,23 +213,23 @@ class TrainerConfig:
     deterministic: bool = False     # torch.use_deterministic_algorithms (slower on GPU)
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, "trainer.epochs", "must be > 0")
-        _check(self.max_steps is None or self.max_steps > 0, "trainer.max_steps", "must be > 0 or null")
-        _check(self.log_every > 0, "trainer.log_every", "must be > 0")
-        _check(self.eval_every > 0, "trainer.eval_every", "must be > 0")
-        _check(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
-        _check(self.checkpoint_every is None or self.checkpoint_every > 0, "trainer.checkpoint_every",
-               "must be > 0 or null")
-        _check(self.stop_at_step is None or self.stop_at_step > 0, "trainer.stop_at_step", "must be > 0")
-        _check(self.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0")
+        require(self.epochs > 0, "trainer.epochs", "must be > 0")
+        require(self.max_steps is None or self.max_steps > 0, "trainer.max_steps", "must be > 0 or null")
+        require(self.log_every > 0, "trainer.log_every", "must be > 0")
+        require(self.eval_every > 0, "trainer.eval_every", "must be > 0")
+        require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
+        require(self.checkpoint_every is None or self.checkpoint_every > 0, "trainer.checkpoint_every",
+                "must be > 0 or null")
+        require(self.stop_at_step is None or self.stop_at_step > 0, "trainer.stop_at_step", "must be > 0")
+        require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0")
         import signal
 
         for name in self.signals:
-            _check(isinstance(getattr(signal, name, None), signal.Signals), "trainer.signals",
-                   f"{name!r} is not a signal name (e.g. SIGUSR2)")
+            require(isinstance(getattr(signal, name, None), signal.Signals), "trainer.signals",
+                    f"{name!r} is not a signal name (e.g. SIGUSR2)")
             # no handler can be installed for these: the run would die instead of checkpointing
-            _check(name not in ("SIGKILL", "SIGSTOP"), "trainer.signals",
-                   f"{name} cannot be caught; use SIGUSR1, SIGUSR2, SIGTERM, SIGINT or SIGHUP")
+            require(name not in ("SIGKILL", "SIGSTOP"), "trainer.signals",
+                    f"{name} cannot be caught; use SIGUSR1, SIGUSR2, SIGTERM, SIGINT or SIGHUP")
 
 
 @dataclass
@@ -271,15 +266,15 @@ class LauncherConfig:
     dry_run: bool = False           # print the sbatch script that would be submitted; submit nothing
 
     def __post_init__(self) -> None:
-        _check(self.nodes >= 1, "launcher.nodes", "must be >= 1")
-        _check(self.gpus_per_node >= 0, "launcher.gpus_per_node", "must be >= 0")
-        _check(self.tasks_per_node >= 1, "launcher.tasks_per_node", "must be >= 1")
-        _check(self.cpus_per_task >= 1, "launcher.cpus_per_task", "must be >= 1")
-        _check(self.mem_gb is None or self.mem_gb > 0, "launcher.mem_gb", "must be > 0 or null")
-        _check(self.time_min >= 1, "launcher.time_min", "must be >= 1")
-        _check(0 < self.signal_lead_s < self.time_min * 60, "launcher.signal_lead_s",
-               f"must be in (0, launcher.time_min x 60 = {self.time_min * 60})")
-        _check(self.max_requeues >= 0, "launcher.max_requeues", "must be >= 0")
+        require(self.nodes >= 1, "launcher.nodes", "must be >= 1")
+        require(self.gpus_per_node >= 0, "launcher.gpus_per_node", "must be >= 0")
+        require(self.tasks_per_node >= 1, "launcher.tasks_per_node", "must be >= 1")
+        require(self.cpus_per_task >= 1, "launcher.cpus_per_task", "must be >= 1")
+        require(self.mem_gb is None or self.mem_gb > 0, "launcher.mem_gb", "must be > 0 or null")
+        require(self.time_min >= 1, "launcher.time_min", "must be >= 1")
+        require(0 < self.signal_lead_s < self.time_min * 60, "launcher.signal_lead_s",
+                f"must be in (0, launcher.time_min x 60 = {self.time_min * 60})")
+        require(self.max_requeues >= 0, "launcher.max_requeues", "must be >= 0")
 
     @property
     def ranks_per_node(self) -> int:
@@ -305,9 +300,9 @@ class BagConfig:
     only: int | None = None         # train just this member (an array task); null: all of them
 
     def __post_init__(self) -> None:
-        _check(self.members >= 1, "bag.members", "must be >= 1")
-        _check(self.only is None or 0 <= self.only < self.members, "bag.only",
-               f"must be in [0, bag.members={self.members}) or null")
+        require(self.members >= 1, "bag.members", "must be >= 1")
+        require(self.only is None or 0 <= self.only < self.members, "bag.only",
+                f"must be in [0, bag.members={self.members}) or null")
 
 
 @dataclass
@@ -321,16 +316,16 @@ class CurveConfig:
 
     def __post_init__(self) -> None:
         f = self.fractions
-        _check(len(f) > 0, "curve.fractions", "must not be empty")
-        _check(all(0 < x <= 1 for x in f), "curve.fractions", f"each must be in (0, 1], got {f}")
-        _check(all(a < b for a, b in zip(f, f[1:])), "curve.fractions",
-               f"must be strictly increasing, got {f}")
+        require(len(f) > 0, "curve.fractions", "must not be empty")
+        require(all(0 < x <= 1 for x in f), "curve.fractions", f"each must be in (0, 1], got {f}")
+        require(all(a < b for a, b in zip(f, f[1:])), "curve.fractions",
+                f"must be strictly increasing, got {f}")
         # run directories are named by the fraction to 3 decimals: two fractions must not share one
-        _check(len({f"{x:.3f}" for x in f}) == len(f), "curve.fractions",
-               f"must differ in the first 3 decimals (run directory names), got {f}")
-        _check(bool(self.eval_split), "curve.eval_split", "must be set")
-        _check(self.only is None or 0 <= self.only < len(f), "curve.only",
-               f"must be in [0, {len(f)}) (an index into curve.fractions) or null")
+        require(len({f"{x:.3f}" for x in f}) == len(f), "curve.fractions",
+                f"must differ in the first 3 decimals (run directory names), got {f}")
+        require(bool(self.eval_split), "curve.eval_split", "must be set")
+        require(self.only is None or 0 <= self.only < len(f), "curve.only",
+                f"must be in [0, {len(f)}) (an index into curve.fractions) or null")
 
 
 @dataclass
@@ -353,9 +348,9 @@ class TrainConfig:
             raise ConfigError(f"launcher.signal={self.launcher.signal} is not in trainer.signals="
                               f"{self.trainer.signals}: the job would be killed instead of checkpointing")
         if self.schedule.kind == ScheduleKind.step and self.trainer.max_steps is None:
-            _check(all(self.schedule.warmup_epochs <= m <= self.trainer.epochs
+            require(all(self.schedule.warmup_epochs <= m <= self.trainer.epochs
                        for m in self.schedule.milestones), "schedule.milestones",
-                   f"must lie in [warmup_epochs, trainer.epochs={self.trainer.epochs}]")
+                    f"must lie in [warmup_epochs, trainer.epochs={self.trainer.epochs}]")
         if self.loader.backend == Backend.dali:
             self._check_dali()
         if self.loader.backend != Backend.synthetic:
@@ -363,36 +358,43 @@ class TrainConfig:
         _check_writable_dir(self.run_dir, "run_dir")
 
     def _check_dali(self) -> None:
-        _check(self.data.augment == Augment.none, "data.augment",
-               f"{self.data.augment} is not available with loader.backend=dali (only random-resized-crop "
-               "and flips): use data.augment=none or loader.backend=webdataset")
-        _check(self.data.bootstrap_member is None and self.data.fraction >= 1, "loader.backend",
-               "dali reads every sample once per pass: bagging's bootstrap resample and data.fraction "
-               "need loader.backend=webdataset")
+        require(self.data.augment == Augment.none, "data.augment",
+                f"{self.data.augment} is not available with loader.backend=dali (only random-resized-crop "
+                "and flips): use data.augment=none or loader.backend=webdataset")
+        require(self.data.bootstrap_member is None and self.data.fraction >= 1, "loader.backend",
+                "dali reads every sample once per pass: bagging's bootstrap resample and data.fraction "
+                "need loader.backend=webdataset")
 
 
 def _check_writable_dir(path: str, key: str) -> None:
     """A folder that exists or can be made: no part of the path is a file (a typo'd run_dir, say)."""
     for part in (Path(path).expanduser(), *Path(path).expanduser().parents):
         if part.exists():
-            _check(part.is_dir(), key, f"{path}: {part} exists and is not a folder")
+            require(part.is_dir(), key, f"{path}: {part} exists and is not a folder")
             return
 
 
 def _check_shards(data: DataConfig, *more: tuple[str, str | None]) -> None:
     """The shard set exists and has the splits asked for: known before any process group or run_dir."""
+    asked = (("data.train_split", data.train_split), ("data.val_split", data.val_split), *more)
+    check_shard_set(data.shards, "data.shards",
+                    [(f"{key}={split!r}", split) for key, split in asked if split is not None])
+
+
+def check_shard_set(path: str, key: str, splits: list[tuple[str, str]]) -> None:
+    """`path` holds a shard set (`key` names the setting) with samples in each `(label, split)`; the
+    `ConfigError` of a missing split starts with its label. For every schema that reads shards."""
     from shards.info import InfoError, read_info  # not needed by synthetic runs
 
     try:
-        info = read_info(Path(data.shards).expanduser())
+        info = read_info(Path(path).expanduser())
     except InfoError as err:
-        raise ConfigError(f"data.shards: {err}") from None
-    for key, split in (("data.train_split", data.train_split), ("data.val_split", data.val_split), *more):
-        if split is not None:
-            try:
-                info.split(split)
-            except InfoError as err:
-                raise ConfigError(f"{key}={split!r}: {err}") from None
+        raise ConfigError(f"{key}: {err}") from None
+    for label, split in splits:
+        try:
+            info.split(split)
+        except InfoError as err:
+            raise ConfigError(f"{label}: {err}") from None
 
 
 @dataclass
@@ -416,6 +418,6 @@ class CurveRunConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.loader.backend == Backend.webdataset, "loader.backend",
-               f"{self.loader.backend}: a learning curve needs webdataset (data.fraction subsets)")
+        require(self.loader.backend == Backend.webdataset, "loader.backend",
+                f"{self.loader.backend}: a learning curve needs webdataset (data.fraction subsets)")
         _check_shards(self.data, ("curve.eval_split", self.curve.eval_split))

@@ -226,25 +226,19 @@ class Trainer:
             self.scaler.load_state_dict(state.scaler)
         self.step, self.epoch = state.step, state.epoch
         self.position = self._restore_position(state.position)
-        ranks = state.rng
-        if len(ranks) == self.env.world_size:
-            rng.restore(ranks[self.env.rank])
-        else:
-            log.warning("checkpoint from %d ranks, now %d: RNG streams start afresh", len(ranks),
-                        self.env.world_size)
+        rng.restore(state.rng[self.env.rank])  # the same ranks: resume.check refuses another world size
         log.info("resumed from step %d (epoch %d, batch %d of the epoch)", self.step, self.epoch,
                  self.position.batches)
         return state.wandb_id
 
     def _restore_position(self, saved: dict) -> EpochPosition:
         batches = int(saved["batches"])
-        if saved["world"] == self.env.world_size and saved["workers"] == self.workers:
+        if saved["workers"] == self.workers:  # the world size is the same (resume.check refuses others)
             return EpochPosition(batches, int(saved["offset"]), list(saved["worker_batches"][self.env.rank]),
                                  list(saved["worker_consumed"][self.env.rank]))
         if batches:
-            log.warning("data position saved for %s ranks x %s workers, now %d x %d: the rest of epoch %d "
-                        "is dealt afresh from batch %d", saved["world"], saved["workers"],
-                        self.env.world_size, self.workers, self.epoch, batches)
+            log.warning("data position saved for %s workers per rank, now %d: the rest of epoch %d is dealt "
+                        "afresh from batch %d", saved["workers"], self.workers, self.epoch, batches)
         return EpochPosition(batches, offset=batches)
 
     def _start_tracker(self, wandb_id: str | None) -> None:

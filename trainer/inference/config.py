@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.info import InfoError, read_info
-from trainer.config import Check, LoggerConfig, LoggerMode
+from trainer.config import Check, LoggerConfig, LoggerMode, check_shard_set
 from trainer.runtime.choices import Choice
-from trainer.runtime.exits import ConfigError
+from trainer.runtime.exits import require
 
 
 class Checkpoint(Choice):
@@ -42,11 +41,6 @@ class FeatureFormat(Choice):
     parquet = "parquet"
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
 @dataclass
 class BagChoice:
     bag: str = "???"                # a bag directory (bag.json) or one training run directory
@@ -54,7 +48,7 @@ class BagChoice:
     checkpoint: Checkpoint = Checkpoint.best  # best (by validation top-1; newest if none) | latest
 
     def __post_init__(self) -> None:
-        _check(Path(self.bag).expanduser().is_dir(), "bag", f"{self.bag} is not a directory")
+        require(Path(self.bag).expanduser().is_dir(), "bag", f"{self.bag} is not a directory")
 
 
 @dataclass
@@ -67,22 +61,9 @@ class InferenceConfig(BagChoice):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
-        _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
-        _check(self.dist_timeout_s > 0, "dist_timeout_s", "must be > 0")
-
-
-def _shard_dir(path: str, key: str, splits: list[str], splits_key: str) -> None:
-    """The shard set exists and has samples in every split asked for: known before any model loads."""
-    try:
-        info = read_info(Path(path).expanduser())
-    except InfoError as err:
-        raise ConfigError(f"{key}: {err}") from None
-    for split in splits:
-        try:
-            info.split(split)
-        except InfoError as err:
-            raise ConfigError(f"{splits_key}: {err}") from None
+        require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        require(self.dist_timeout_s > 0, "dist_timeout_s", "must be > 0")
 
 
 @dataclass
@@ -109,9 +90,9 @@ class EvaluateConfig(InferenceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.confused_pairs >= 0, "confused_pairs", "must be >= 0")
-        _check(self.plot_classes >= 2, "plot_classes", "must be >= 2")
-        _shard_dir(self.data.shards, "data.shards", [self.data.split], "data.split")
+        require(self.confused_pairs >= 0, "confused_pairs", "must be >= 0")
+        require(self.plot_classes >= 2, "plot_classes", "must be >= 2")
+        check_shard_set(self.data.shards, "data.shards", [("data.split", self.data.split)])
 
 
 @dataclass
@@ -123,10 +104,10 @@ class PredictConfig(InferenceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.top_k > 0, "top_k", f"must be > 0, got {self.top_k}")
-        _check(Path(self.input).exists(), "input", f"{self.input} does not exist")
-        _check(not (self.out and Path(self.out).is_dir()), "out",
-               f"{self.out} is a folder; give a file name such as predictions.tsv")
+        require(self.top_k > 0, "top_k", f"must be > 0, got {self.top_k}")
+        require(Path(self.input).exists(), "input", f"{self.input} does not exist")
+        require(not (self.out and Path(self.out).is_dir()), "out",
+                f"{self.out} is a folder; give a file name such as predictions.tsv")
 
     @property
     def is_shards(self) -> bool:
@@ -153,9 +134,12 @@ class FeaturesConfig(InferenceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(bool(self.data.splits) and len(set(self.data.splits)) == len(self.data.splits),
-               "data.splits", f"must list distinct splits, got {self.data.splits}")
-        _check(self.pca >= 0, "pca", f"must be 0 (off) or a number of components, got {self.pca}")
-        _check(self.max_bad_fraction is None or 0 <= self.max_bad_fraction < 1, "max_bad_fraction",
-               f"must be in [0, 1), got {self.max_bad_fraction}")
-        _shard_dir(self.data.shards, "data.shards", self.data.splits, "data.splits")
+        require(bool(self.data.splits) and len(set(self.data.splits)) == len(self.data.splits),
+                "data.splits", f"must list distinct splits, got {self.data.splits}")
+        require(self.pca >= 0, "pca", f"must be 0 (off) or a number of components, got {self.pca}")
+        require(self.max_bad_fraction is None or 0 <= self.max_bad_fraction < 1, "max_bad_fraction",
+                f"must be in [0, 1), got {self.max_bad_fraction}")
+        check_shard_set(self.data.shards, "data.shards", [("data.splits", s) for s in self.data.splits])
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.bag) / "features"

@@ -245,7 +245,7 @@ def export(cfg: FeaturesConfig, rank: int, world: int, device: torch.device) -> 
     check_setup(cfg, members, splits)
     names = list(read_info(splits[0].root).features)
     classes = list(splits[0].classes)
-    out = Path(cfg.out or Path(cfg.bag) / "features")
+    out = cfg.out_dir()
     record = describe(cfg, members, classes, names)
     pcas: dict = {}
     for split in splits:
@@ -291,7 +291,7 @@ def report(split: str, entry: dict, out: Path) -> None:
 def run(cfg: FeaturesConfig) -> int:
     env = distributed.detect()
     device = distributed.init(env, cfg.dist_timeout_s)
-    out = Path(cfg.out or Path(cfg.bag) / "features")  # as export() writes it
+    out = cfg.out_dir()
     try:
         with lock.writing(out, "features", env):
             export(cfg, env.rank, env.world_size, device)

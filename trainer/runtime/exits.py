@@ -25,6 +25,12 @@ class ConfigError(UsageError, ValueError):
     """A setting has an impossible value; the message names the key."""
 
 
+def require(cond: bool, key: str, msg: str) -> None:
+    """A schema's value check: `ConfigError("key: msg")` unless `cond`."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
 class RunFailure(Exception):
     """The data or the run failed although the command was right; exit 1."""
 
