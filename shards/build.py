@@ -1,7 +1,8 @@
-"""`python -m shards.build source=<imagefolder|csv|demo> out=DIR [overrides]` (`taxotrain-shards`).
+"""`python -m shards.build source=<imagefolder|csv|ecotaxa|images|demo> out=DIR [...]` (`taxotrain-shards`).
 
 Thin entry point: the schema judges the config (`shards/config.py`), then `build()` plans, writes and
-reports. Exit codes: 0 done; 1 too many inputs quarantined or an incomplete array build; 2 a bad command.
+reports. Exit codes: 0 done; 1 too many inputs quarantined or an incomplete array build; 2 a bad command
+(also a fault of the table itself: an unknown annotation status, a duplicate id, a class map cycle).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from shards import config
 from shards.config import ShardConfig
-from shards.manifest import load_results, summary, tally, write_manifest
+from shards.manifest import Tally, load_results, status_counts, status_summary, summary, tally, write_manifest
 from shards.plan import ShardPlan, make_plan
 from shards.sources import collect
 from shards.writer import PARTS, ShardResult, WriteOptions, index_name, write_shard
@@ -96,20 +97,28 @@ def _build(cfg: ShardConfig, out: Path) -> dict | None:
         return None
     results = load_results(plans, out)
     t = tally(col, plans, results)
+    statuses = status_counts(col, plans, results)
     build_info = {"source": cfg.source.kind, "seed": cfg.seed, "split": asdict(cfg.split),
-                  "resize": asdict(cfg.resize), "max_pixels": cfg.max_pixels}
-    info = write_manifest(col, results, t, out, build_info)
-    print(summary(t))
+                  "resize": asdict(cfg.resize), "max_pixels": cfg.max_pixels, "class_map": col.class_map}
+    info = write_manifest(col, results, t, statuses, out, build_info)
+    print("\n".join(filter(None, [summary(t), status_summary(statuses)])))
     for name in col.empty_classes:
         print(f"warning: class {name!r} has no images")
-    n, q = t.total_inputs, t.total_quarantined
-    print(f"shards: {n} inputs = {n - q} written + {q} quarantined "
-          f"({100.0 * q / max(n, 1):.2f}%) in {sum(len(s['filenames']) for s in info['splits'].values())} "
-          f"shards -> {out}")
-    if n and q / n > cfg.max_bad_fraction:
-        raise TooManyBad(f"{q} of {n} inputs quarantined ({q / n:.1%}) > max_bad_fraction="
-                         f"{cfg.max_bad_fraction}: see {out / 'quarantine.tsv'}")
+    _report(t, sum(len(s["filenames"]) for s in info["splits"].values()), out, cfg.max_bad_fraction)
     return info
+
+
+def _report(t: Tally, shards: int, out: Path, max_bad_fraction: float) -> None:
+    """The one-line reconciliation; too many quarantined inputs fail the build (excluded rows were never
+    meant to be written, so they are neither bad nor part of the fraction's base)."""
+    n, q, x = t.total_inputs, t.total_quarantined, t.total_excluded
+    meant = n - x
+    excluded = f" + {x} excluded" if x else ""
+    print(f"shards: {n} inputs = {meant - q} written + {q} quarantined{excluded} "
+          f"({100.0 * q / max(meant, 1):.2f}%) in {shards} shards -> {out}")
+    if meant and q / meant > max_bad_fraction:
+        raise TooManyBad(f"{q} of {meant} inputs to write quarantined ({q / meant:.1%}) > max_bad_fraction="
+                         f"{max_bad_fraction}: see {out / 'quarantine.tsv'}")
 
 
 def run(cfg: ShardConfig) -> int:

@@ -5,15 +5,19 @@ before any work); `__post_init__` checks the values, naming the key.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from shards.ecotaxa import kept_statuses
+from shards.items import SPLITS
 from trainer.runtime.choices import Choice
 from trainer.runtime.exits import require
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class Stage(Choice):
@@ -30,29 +34,73 @@ class SourceConfig:
 
 
 @dataclass
-class ImageFolderSource(SourceConfig):
+class LabelledSource(SourceConfig):
+    # table with header from,to (or fine,coarse): regroups fine classes into coarse ones (chains resolve)
+    class_map: str | None = None
+
+
+@dataclass
+class ImageFolderSource(LabelledSource):
     kind: str = "imagefolder"
     root: str = "???"
 
 
 @dataclass
-class CsvSource(SourceConfig):
+class CsvSource(LabelledSource):
     kind: str = "csv"
     path: str = "???"
     # image paths in the table are relative to this folder (default: the table's folder)
     root: str | None = None
     path_column: str = "path"
-    label_column: str = "label"
+    # null: no labels, every row goes to the unlabelled set (source.unlabelled)
+    label_column: str | None = "label"
     split_column: str | None = None
-    # optional stable id (EcoTaxa `object_id`); the sample key is derived from it
+    # optional stable id (EcoTaxa `object_id`); the sample key is derived from it, the .json keeps it
     key_column: str | None = None
     feature_columns: list[str] = field(default_factory=list)
     # None = detect from the file name and the first line
     delimiter: str | None = None
+    # annotation status of each row; null = object_annotation_status when the table has it
+    status_column: str | None = None
+    # rows with one of these statuses (and a category) are labelled: validated predicted dubious unclassified
+    keep_status: list[str] = field(default_factory=lambda: ["validated"])
+    # split name for the rows not labelled, written without .cls; null = not written, counted as excluded
+    unlabelled: str | None = None
+
+    def __post_init__(self) -> None:
+        kept_statuses(self.keep_status)
+        check_unlabelled_name(self.unlabelled)
+        require(self.label_column is not None or self.unlabelled is not None, "source.unlabelled",
+                "source.label_column is null, so every row is unlabelled and nothing would be written: "
+                "set source.unlabelled=unlabelled")
 
 
 @dataclass
-class DemoSource(SourceConfig):
+class ImagesSource(SourceConfig):
+    """Every image under `root`, as one unlabelled set (images to classify)."""
+
+    kind: str = "images"
+    root: str = "???"
+    # split name of the set; its shards are NAME-000000.tar, samples without .cls
+    unlabelled: str = "unlabelled"
+
+    def __post_init__(self) -> None:
+        require(self.unlabelled is not None, "source.unlabelled", "an images source needs a split name")
+        check_unlabelled_name(self.unlabelled)
+
+
+def check_unlabelled_name(name: str | None) -> None:
+    """The unlabelled set's name starts its shard names: a plain word that is no labelled split's."""
+    if name is None:
+        return
+    require(_SPLIT_NAME.fullmatch(name) is not None, "source.unlabelled",
+            f"{name!r} must be letters, digits, _ or - only")
+    require(name.lower() not in SPLITS, "source.unlabelled",
+            f"{name!r} is a labelled split's name; pick another (e.g. unlabelled)")
+
+
+@dataclass
+class DemoSource(LabelledSource):
     kind: str = "demo"
     # where the bundled MNIST digits are written out once as PNG class folders
     root: str = "~/.cache/taxotrain/demo-mnist"
@@ -132,3 +180,4 @@ def register() -> None:
     cs.store(group="source", name="imagefolder_schema", node=ImageFolderSource)
     cs.store(group="source", name="csv_schema", node=CsvSource)
     cs.store(group="source", name="demo_schema", node=DemoSource)
+    cs.store(group="source", name="images_schema", node=ImagesSource)

@@ -3,8 +3,8 @@
 Every reader of a shard set (the trainer, `shards.verify`, the inference tools, the schemas that
 check `data.shards` at start-up) goes through `read_info`, so a malformed manifest is reported in
 one way, naming the file and the field. Two layouts are read: taxotrain's (per-shard bytes, sha256,
-index file and, since index digests are recorded, its sha256) and timm's (`filenames` and
-`shard_lengths` only).
+index file and, since index digests are recorded, its sha256; `labelled: false` on an unlabelled set)
+and timm's (`filenames` and `shard_lengths` only).
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ class ShardEntry:
 class SplitInfo:
     name: str
     shards: tuple[ShardEntry, ...]
+    # False for an unlabelled set (samples without .cls); True in older manifests and timm's layout
+    labelled: bool = True
 
     @property
     def num_samples(self) -> int:
@@ -73,10 +75,12 @@ def read_info(root: Path) -> ShardInfo:
         raise InfoError(f"{path}: unreadable manifest: {err}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("splits"), dict):
         raise InfoError(f"{path}: no 'splits' mapping (not a shards.build or timm manifest)")
-    classes = raw.get("classes")
-    if not isinstance(classes, list) or not classes:
-        raise InfoError(f"{path}: no 'classes' list; the class map is needed for num_classes")
     splits = {str(name): _split(path, str(name), entry) for name, entry in raw["splits"].items()}
+    classes = raw.get("classes")
+    # a set of unlabelled images only may have no classes; any labelled sample needs the class map
+    needed = any(s.labelled and s.num_samples for s in splits.values())
+    if not isinstance(classes, list) or (needed and not classes):
+        raise InfoError(f"{path}: no 'classes' list; the class map is needed for num_classes")
     features = raw.get("features") or []
     return ShardInfo(Path(root), tuple(str(c) for c in classes), splits, tuple(str(f) for f in features))
 
@@ -84,17 +88,20 @@ def read_info(root: Path) -> ShardInfo:
 def _split(path: Path, name: str, entry: object) -> SplitInfo:
     if not isinstance(entry, dict):
         raise InfoError(f"{path}: split {name!r} is not a mapping")
+    labelled = entry.get("labelled", True)
+    if not isinstance(labelled, bool):
+        raise InfoError(f"{path}: split {name!r}: 'labelled' is {labelled!r}, not true or false")
     try:
         if "shards" in entry:  # taxotrain's layout
             shards = tuple(ShardEntry(str(s["filename"]), int(s["num_samples"]), _opt_int(s.get("bytes")),
                                       s.get("sha256"), s.get("index"), s.get("index_sha256"))
                            for s in entry["shards"])
             _same_lengths(path, name, entry, shards)
-            return SplitInfo(name, shards)
+            return SplitInfo(name, shards, labelled)
         names, lengths = entry.get("filenames"), entry.get("shard_lengths")
         if not isinstance(names, list) or not isinstance(lengths, list) or len(names) != len(lengths):
             raise InfoError(f"{path}: split {name!r} needs 'filenames' and 'shard_lengths' of equal length")
-        return SplitInfo(name, tuple(ShardEntry(str(n), int(k)) for n, k in zip(names, lengths)))
+        return SplitInfo(name, tuple(ShardEntry(str(n), int(k)) for n, k in zip(names, lengths)), labelled)
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, InfoError):
             raise

@@ -1,25 +1,32 @@
-"""The final step: `_info.json`, `classes.txt`, `quarantine.tsv`, `corrections.tsv`, `counts.tsv`.
+"""The final step: `_info.json`, `classes.txt`, `quarantine.tsv`, `corrections.tsv`, `counts.tsv`,
+`status_counts.tsv`.
 
 `_info.json` uses the layout timm's WebDataset reader reads (`splits.<name>.filenames`,
 `shard_lengths`, `num_samples`) and adds the class map, counts and per-shard size and sha256 (of the
-tar and of its `.idx`).
+tar and of its `.idx`). Each split says whether it is `labelled`; the unlabelled set (`source.unlabelled`)
+has no `class_counts`. The counts reconcile twice: per (split, class), inputs = written + quarantined +
+excluded (rows of the unlabelled set have class "", excluded rows split ""); per annotation status,
+inputs = labelled + unlabelled + excluded + quarantined, with status "-" for every input of a source
+without a status column.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.ecotaxa import STATUSES
 from shards.info import INFO
+from shards.items import SPLITS, Collection, Reject, class_of
 from shards.plan import ShardPlan
-from shards.sources import SPLITS, Collection, Reject
 from shards.writer import PARTS, ShardResult, atomic_write, index_name
 from trainer.runtime.exits import RunFailure
 
 FORMAT = "taxotrain-shards/1"
+STATUS_FIELDS = ("inputs", "labelled", "unlabelled", "excluded", "quarantined")
 
 
 class IncompleteBuild(RunFailure):
@@ -31,6 +38,9 @@ class Tally:
     inputs: Counter
     written: Counter
     quarantined: Counter
+    excluded: Counter = field(default_factory=Counter)
+    # (split, coarse class) -> fine class -> planned inputs that source.class_map regrouped
+    regrouped: dict = field(default_factory=lambda: defaultdict(Counter))
 
     @property
     def total_inputs(self) -> int:
@@ -39,6 +49,10 @@ class Tally:
     @property
     def total_quarantined(self) -> int:
         return sum(self.quarantined.values())
+
+    @property
+    def total_excluded(self) -> int:
+        return sum(self.excluded.values())
 
 
 def load_results(plans: list[ShardPlan], out: Path) -> list[ShardResult]:
@@ -57,30 +71,63 @@ def load_results(plans: list[ShardPlan], out: Path) -> list[ShardResult]:
 
 
 def tally(col: Collection, plans: list[ShardPlan], results: list[ShardResult]) -> Tally:
-    inputs, written, quarantined = Counter(), Counter(), Counter()
+    t = Tally(Counter(), Counter(), Counter())
     for plan in plans:
         for it in plan.items:
-            inputs[(plan.split, col.classes[it.label])] += 1
+            key = (plan.split, class_of(col.classes, it.label))
+            t.inputs[key] += 1
+            if it.fine:
+                t.regrouped[key][it.fine] += 1
     for r in col.rejects:
-        inputs[(r.split, r.cls)] += 1
-        quarantined[(r.split, r.cls)] += 1
+        t.inputs[(r.split, r.cls)] += 1
+        t.quarantined[(r.split, r.cls)] += 1
+    for (_, cls), n in col.excluded.items():
+        t.inputs[("", cls)] += n
+        t.excluded[("", cls)] += n
     for res in results:
         for cls, n in res.class_counts.items():
-            written[(res.split, cls)] += n
-        for _, split, cls, _ in res.rejects:
-            quarantined[(split, cls)] += 1
-    for k in inputs:
-        # inputs = written + quarantined, per split and class, or the build is wrong
-        if inputs[k] != written[k] + quarantined[k]:
-            raise AssertionError(f"counts do not reconcile for {k}: {inputs[k]} inputs, "
-                                 f"{written[k]} written, {quarantined[k]} quarantined")
-    return Tally(inputs, written, quarantined)
+            t.written[(res.split, cls)] += n
+        for r in res.rejects:
+            t.quarantined[(res.split, _reject(r).cls)] += 1
+    for k in t.inputs:
+        # inputs = written + quarantined + excluded, per split and class, or the build is wrong
+        if t.inputs[k] != t.written[k] + t.quarantined[k] + t.excluded[k]:
+            raise AssertionError(f"counts do not reconcile for {k}: {t.inputs[k]} inputs, {t.written[k]} "
+                                 f"written, {t.quarantined[k]} quarantined, {t.excluded[k]} excluded")
+    return t
+
+
+def status_counts(col: Collection, plans: list[ShardPlan], results: list[ShardResult]
+                  ) -> dict[str, dict[str, int]]:
+    """{status: {inputs, labelled, unlabelled, excluded, quarantined}}; labelled and unlabelled count
+    samples written."""
+    c: dict[str, Counter] = defaultdict(Counter)
+    for it in (it for plan in plans for it in plan.items):
+        c[it.status]["inputs"] += 1
+        c[it.status]["labelled" if it.labelled else "unlabelled"] += 1
+    for res in results:
+        for r in map(_reject, res.rejects):
+            c[r.status]["unlabelled" if res.split == col.unlabelled else "labelled"] -= 1
+            c[r.status]["quarantined"] += 1
+    for r in col.rejects:
+        c[r.status]["inputs"] += 1
+        c[r.status]["quarantined"] += 1
+    for (status, _), n in col.excluded.items():
+        c[status]["inputs"] += n
+        c[status]["excluded"] += n
+    written = sum(res.num_samples for res in results)
+    if sum(n["labelled"] + n["unlabelled"] for n in c.values()) != written:
+        raise AssertionError(f"status counts do not reconcile: {dict(c)} against {written} samples written")
+    order = {s: i for i, s in enumerate(STATUSES)}
+    return {s: {f: c[s][f] for f in STATUS_FIELDS} for s in sorted(c, key=lambda s: (order.get(s, 99), s))}
+
+
+def _reject(row: list[str]) -> Reject:
+    return Reject(*row)  # a sidecar from before statuses were recorded has 4 fields: status "-"
 
 
 def all_rejects(col: Collection, results: list[ShardResult]) -> list[Reject]:
-    rows = list(col.rejects)
-    rows += [Reject(*r) for res in results for r in res.rejects]
-    return rows
+    return list(col.rejects) + [_reject(r) for res in results for r in res.rejects]
 
 
 def _tsv(rows: list[list], header: list[str]) -> bytes:
@@ -91,22 +138,28 @@ def _tsv(rows: list[list], header: list[str]) -> bytes:
     return buf.getvalue().encode()
 
 
-def write_manifest(col: Collection, results: list[ShardResult], t: Tally, out: Path,
+def _split_entry(col: Collection, results: list[ShardResult], t: Tally, split: str) -> dict:
+    mine = [r for r in results if r.split == split and r.num_samples > 0]
+    labelled = split != col.unlabelled
+    entry = {
+        "name": split,
+        "labelled": labelled,
+        "num_samples": sum(r.num_samples for r in mine),
+        "filenames": [r.name for r in mine],
+        "shard_lengths": [r.num_samples for r in mine],
+        # the index's digest too: its lines say which bytes are whose label, so it is data
+        "shards": [{"filename": r.name, "index": index_name(r.name), "num_samples": r.num_samples,
+                    "bytes": r.bytes, "sha256": r.sha256, "index_sha256": r.index_sha256 or None}
+                   for r in mine],
+    }
+    if labelled:
+        entry["class_counts"] = [t.written[(split, c)] for c in col.classes]
+    return entry
+
+
+def write_manifest(col: Collection, results: list[ShardResult], t: Tally, statuses: dict, out: Path,
                    build: dict) -> dict:
-    splits = {}
-    for split in SPLITS:
-        mine = [r for r in results if r.split == split and r.num_samples > 0]
-        splits[split] = {
-            "name": split,
-            "num_samples": sum(r.num_samples for r in mine),
-            "filenames": [r.name for r in mine],
-            "shard_lengths": [r.num_samples for r in mine],
-            # the index's digest too: its lines say which bytes are whose label, so it is data
-            "shards": [{"filename": r.name, "index": index_name(r.name), "num_samples": r.num_samples,
-                        "bytes": r.bytes, "sha256": r.sha256, "index_sha256": r.index_sha256 or None}
-                       for r in mine],
-            "class_counts": [t.written[(split, c)] for c in col.classes],
-        }
+    names = [*SPLITS, *([col.unlabelled] if col.unlabelled else [])]
     info = {
         "format": FORMAT,
         "name": out.resolve().name,
@@ -114,39 +167,66 @@ def write_manifest(col: Collection, results: list[ShardResult], t: Tally, out: P
         "num_classes": len(col.classes),
         "empty_classes": col.empty_classes,
         "features": col.feature_names,
-        "splits": splits,
+        "splits": {split: _split_entry(col, results, t, split) for split in names},
         "inputs": t.total_inputs,
         "quarantined": t.total_quarantined,
+        "excluded": t.total_excluded,
+        "statuses": statuses,
         "build": build,
     }
-    atomic_write(out / "classes.txt", "".join(f"{c}\n" for c in col.classes).encode())
-    atomic_write(out / "quarantine.tsv", _tsv(
-        [[r.origin, r.split, r.cls, r.reason] for r in all_rejects(col, results)],
-        ["path", "split", "class", "reason"]))
-    atomic_write(out / "corrections.tsv", _tsv(
-        [n for res in results for n in res.notes], ["path", "stored_as"]))
-    atomic_write(out / "counts.tsv", _tsv(
-        [[s or "-", c or "-", n, t.written[(s, c)], t.quarantined[(s, c)]]
-         for (s, c), n in sorted(t.inputs.items())],
-        ["split", "class", "inputs", "written", "quarantined"]))
+    _write_reports(col, results, t, statuses, out)
     # written last: its presence means the shard set is complete
     atomic_write(out / INFO, json.dumps(info, indent=1).encode())
     return info
 
 
+def _write_reports(col: Collection, results: list[ShardResult], t: Tally, statuses: dict, out: Path) -> None:
+    atomic_write(out / "classes.txt", "".join(f"{c}\n" for c in col.classes).encode())
+    atomic_write(out / "quarantine.tsv", _tsv(
+        [[r.origin, r.split, r.cls, r.reason, r.status] for r in all_rejects(col, results)],
+        ["path", "split", "class", "reason", "status"]))
+    atomic_write(out / "corrections.tsv", _tsv(
+        [n for res in results for n in res.notes], ["path", "stored_as"]))
+    atomic_write(out / "counts.tsv", _tsv(
+        [[s or "-", c or "-", n, t.written[(s, c)], t.quarantined[(s, c)], t.excluded[(s, c)],
+          _regrouped(t.regrouped.get((s, c)))] for (s, c), n in sorted(t.inputs.items())],
+        ["split", "class", "inputs", "written", "quarantined", "excluded", "regrouped_from"]))
+    atomic_write(out / "status_counts.tsv", _tsv(
+        [[s, *(n[f] for f in STATUS_FIELDS)] for s, n in statuses.items()], ["status", *STATUS_FIELDS]))
+
+
+def _regrouped(fine: Counter | None) -> str:
+    """`fine:count` pairs of the fine classes a coarse class row gathered ("" for none)."""
+    return ";".join(f"{name}:{n}" for name, n in sorted((fine or {}).items()))
+
+
 def summary(t: Tally) -> str:
-    lines = [f"{'split':<6} {'class':<24} {'inputs':>8} {'written':>8} {'quarantined':>11}"]
-    for split in (*SPLITS, ""):
+    lines = [f"{'split':<10} {'class':<24} {'inputs':>8} {'written':>8} {'quarantined':>11} {'excluded':>8}"]
+    for split in sorted({k[0] for k in t.inputs}, key=_split_order):
         keys = [k for k in t.inputs if k[0] == split]
-        if not keys:
-            continue
         bad = [k for k in sorted(keys) if t.quarantined[k]]
         for k in bad[:20]:  # per-class detail only where something was lost
-            lines.append(f"{split or '-':<6} {k[1][:24] or '-':<24} {t.inputs[k]:>8} "
-                         f"{t.written[k]:>8} {t.quarantined[k]:>11}")
+            lines.append(_line(split, k[1][:24], t.inputs[k], t.written[k], t.quarantined[k], t.excluded[k]))
         if len(bad) > 20:
-            lines.append(f"{split or '-':<6} ... {len(bad) - 20} more classes in counts.tsv")
-        n = sum(t.inputs[k] for k in keys)
-        w = sum(t.written[k] for k in keys)
-        lines.append(f"{split or '-':<6} {'(all classes)':<24} {n:>8} {w:>8} {n - w:>11}")
+            lines.append(f"{split or '-':<10} ... {len(bad) - 20} more classes in counts.tsv")
+        sums = (sum(c[k] for k in keys) for c in (t.inputs, t.written, t.quarantined, t.excluded))
+        lines.append(_line(split, "(all classes)", *sums))
+    return "\n".join(lines)
+
+
+def _split_order(split: str) -> tuple:
+    """train, val, test, the unlabelled set, then "" (inputs never given a split)."""
+    return (0, SPLITS.index(split)) if split in SPLITS else (2, "") if split == "" else (1, split)
+
+
+def _line(split: str, cls: str, n: int, written: int, quarantined: int, excluded: int) -> str:
+    return f"{split[:10] or '-':<10} {cls or '-':<24} {n:>8} {written:>8} {quarantined:>11} {excluded:>8}"
+
+
+def status_summary(statuses: dict[str, dict[str, int]]) -> str:
+    """One line per annotation status; "" for a source without a status column."""
+    if set(statuses) <= {"-"}:
+        return ""
+    lines = [f"{'status':<13}" + "".join(f"{f:>12}" for f in STATUS_FIELDS)]
+    lines += [f"{s:<13}" + "".join(f"{n[f]:>12}" for f in STATUS_FIELDS) for s, n in statuses.items()]
     return "\n".join(lines)

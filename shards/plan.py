@@ -1,7 +1,8 @@
 """Deterministic split and shard plan: which item goes to which split and which shard.
 
 Everything is a function of (seed, sample key), never of the listing order, so a rebuild,
-another machine, or task i of a SLURM array all compute the same plan.
+another machine, or task i of a SLURM array all compute the same plan. Items of the unlabelled set
+keep their given split (`source.unlabelled`) and are shuffled into their shards like the others.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from shards.config import ShardConfig
+from shards.items import NO_STATUS, SPLITS, Collection, Item
 from shards.keys import stable_hash
-from shards.sources import SPLITS, Collection, Item
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,13 @@ def _round(x: float) -> int:
 
 
 def assign_splits(col: Collection, val: float, test: float, seed: int) -> dict[str, list[Item]]:
-    """Stratified per class unless the source gave each item its split."""
+    """Stratified per class unless the source gave each item its split; the unlabelled set last."""
     out: dict[str, list[Item]] = {s: [] for s in SPLITS}
-    given = [it for it in col.items if it.split]
-    for it in given:
-        out[it.split].append(it)
+    if col.unlabelled:
+        out[col.unlabelled] = []
+    for it in col.items:
+        if it.split:
+            out[it.split].append(it)
     by_class: dict[int, list[Item]] = defaultdict(list)
     for it in col.items:
         if not it.split:
@@ -61,14 +64,16 @@ def make_plan(col: Collection, cfg: ShardConfig) -> list[ShardPlan]:
     settings = json.dumps([cfg.resize.max_side, cfg.resize.quality, cfg.max_pixels,
                            col.classes, col.feature_names])
     plans = []
-    for split in SPLITS:
+    for split, members in splits.items():
         # WebDataset readers shuffle only inside a buffer: shuffle globally here
-        items = sorted(splits[split], key=lambda it: (stable_hash(cfg.seed, "order", it.key), it.key))
+        items = sorted(members, key=lambda it: (stable_hash(cfg.seed, "order", it.key), it.key))
         # one stat per file: it both cuts the shards and enters their digests
         sizes = {it.key: _size(it.path) for it in items}
+        # samples of the unlabelled set have no .cls: a shard that changes sides must be rewritten
+        layout = settings if split in SPLITS else f"{settings}\nunlabelled"
         for index, chunk in enumerate(_chunks(items, sizes, cfg.shard.maxcount, cfg.shard.maxsize)):
             name = f"{split}-{index:06d}.tar"
-            plans.append(ShardPlan(name, split, tuple(chunk), _digest(name, chunk, sizes, settings)))
+            plans.append(ShardPlan(name, split, tuple(chunk), _digest(name, chunk, sizes, layout)))
     return plans
 
 
@@ -92,5 +97,8 @@ def _digest(name: str, items: list[Item], sizes: dict[str, int], settings: str) 
     h = hashlib.sha256(f"{name}\n{settings}\n".encode())
     for it in items:
         h.update(f"{it.key}\t{it.path}\t{it.label}\t{it.features}\n".encode())
+        if it.source_id or it.status != NO_STATUS:
+            # both go into the sample's .json; tested apart so that older sets keep their digests
+            h.update(f"{it.source_id}\t{it.status}\n".encode())
         h.update(f"{sizes[it.key]}\n".encode())
     return h.hexdigest()

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shards.images import BadImage, prepare
+from shards.items import NO_STATUS, Item, Reject, class_of
 from shards.plan import ShardPlan
-from shards.sources import Reject
 from trainer.runtime.files import SpecialFile, TooLarge, atomic_path, atomic_write, read_regular, sha256_file
 
 # 2000-01-01T00:00:00Z: a fixed time (and owner) makes rebuilds byte-identical
@@ -44,7 +44,7 @@ class ShardResult:
     sha256: str = ""
     index_sha256: str = ""    # the .idx file: its lines decide which bytes are a sample's label
     class_counts: dict[str, int] = field(default_factory=dict)
-    rejects: list[list[str]] = field(default_factory=list)   # Reject fields
+    rejects: list[list[str]] = field(default_factory=list)   # Reject fields (4 in sidecars without status)
     notes: list[list[str]] = field(default_factory=list)     # [path, what changed]
     skipped: bool = False
 
@@ -130,8 +130,14 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _metadata(item, opts: WriteOptions, ext: str) -> bytes:
-    meta = {"class": opts.classes[item.label], "path": item.rel, "image": ext}
+def _metadata(item: Item, opts: WriteOptions, ext: str) -> bytes:
+    meta = {"path": item.rel, "image": ext}
+    if item.labelled:
+        meta["class"] = opts.classes[item.label]
+    if item.source_id:
+        meta["id"] = item.source_id  # the source's own id (EcoTaxa object_id): predictions are keyed by it
+    if item.status != NO_STATUS:
+        meta["status"] = item.status
     if opts.feature_names:
         # NaN is not JSON: an unmeasured feature is null
         meta["features"] = {n: (None if math.isnan(v) else v)
@@ -211,24 +217,29 @@ def _write_tar(plan: ShardPlan, tmp: Path, opts: WriteOptions, result: ShardResu
     return index_lines
 
 
-def _sample_members(item, split: str, opts: WriteOptions, result: ShardResult):
-    cls_name = opts.classes[item.label]
+def _sample_members(item: Item, split: str, opts: WriteOptions, result: ShardResult):
+    """The sample's (name, bytes) members; None when the image is quarantined. No `.cls` for an item
+    of the unlabelled set: a reader that expects a label fails on it instead of inventing one."""
+    cls_name = class_of(opts.classes, item.label)
     try:
         # a FIFO named like an image would block the build forever, /dev/zero fill the memory
         data = read_regular(Path(item.path), MAX_INPUT_BYTES)
         enc = prepare(data, item.rel, opts.max_side, opts.quality, opts.max_pixels)
     except (SpecialFile, TooLarge) as e:
         reason = f"not a regular file ({e.kind})" if isinstance(e, SpecialFile) else e.reason
-        result.rejects.append(list(asdict(Reject(item.rel, split, cls_name, reason)).values()))
+        result.rejects.append(_reject(item, split, cls_name, reason))
         return None
     except (OSError, BadImage) as e:
         reason = str(e) if isinstance(e, BadImage) else f"unreadable file: {e.strerror or e}"
-        result.rejects.append(list(asdict(Reject(item.rel, split, cls_name, reason)).values()))
+        result.rejects.append(_reject(item, split, cls_name, reason))
         return None
     if enc.note:
         result.notes.append([item.rel, enc.note])
     result.num_samples += 1
     result.class_counts[cls_name] = result.class_counts.get(cls_name, 0) + 1
-    return [(f"{item.key}.{enc.ext}", enc.data),
-            (f"{item.key}.cls", str(item.label).encode()),
-            (f"{item.key}.json", _metadata(item, opts, enc.ext))]
+    label = [(f"{item.key}.cls", str(item.label).encode())] if item.labelled else []
+    return [(f"{item.key}.{enc.ext}", enc.data), *label, (f"{item.key}.json", _metadata(item, opts, enc.ext))]
+
+
+def _reject(item: Item, split: str, cls_name: str, reason: str) -> list[str]:
+    return list(asdict(Reject(item.rel, split, cls_name, reason, item.status)).values())

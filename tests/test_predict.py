@@ -90,7 +90,9 @@ def test_folder_predictions_match_the_ensemble_and_keep_unreadable_files(bag, me
     assert run(PredictConfig(bag=str(bag), input=str(folder), out=str(out), workers=2, batch_size=3)) == 0
     rows = read_table(out)
     k = len(CLASSES)  # top_k=5 clipped to the 3 classes
-    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3"]
+    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3",
+                             "decision"]
+    assert {r["decision"] for r in rows} == {"review"}  # no calibration.json: nothing accepted unseen
     assert [r["path"] for r in rows] == sorted(READABLE)
     for row in rows:
         probs = [p for _, p in ranked(row, k)]
@@ -116,7 +118,7 @@ def test_csv_tta_geometric_and_top_k(bag, members, folder, tmp_path):
     cfg = PredictConfig(bag=str(bag), input=str(folder), out=str(out), tta="fivecrop", combine="geometric",
                         top_k=2, workers=0)
     assert run(cfg) == 0
-    assert out.read_text().splitlines()[0] == "path,class_1,prob_1,class_2,prob_2"
+    assert out.read_text().splitlines()[0] == "path,class_1,prob_1,class_2,prob_2,decision"
     rows = read_table(out)
     assert len(rows) == 7
     expected = direct(members, (folder / "cat/c1.png").read_bytes(), "fivecrop", "geometric")
@@ -141,7 +143,7 @@ def test_only_unreadable_images_still_give_both_tables(bag, tmp_path, capsys):
     (tmp_path / "in" / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "p.tsv"
     assert run(PredictConfig(bag=str(bag), input=str(tmp_path / "in"), out=str(out), top_k=2, workers=0)) == 0
-    assert out.read_text() == "path\tclass_1\tprob_1\tclass_2\tprob_2\n"
+    assert out.read_text() == "path\tclass_1\tprob_1\tclass_2\tprob_2\tdecision\n"
     assert [b["path"] for b in read_table(tmp_path / "p.unreadable.tsv")] == ["x.jpg"]
     assert "1 inputs = 0 predicted + 1 unreadable" in capsys.readouterr().out
 
@@ -176,7 +178,7 @@ def test_unlabelled_shards_give_one_row_per_sample_with_keys(bag, tmp_path, caps
     cfg = PredictConfig(bag=str(bag), input=str(shards), out=str(out), top_k=1, workers=2, batch_size=2)
     assert run(cfg) == 0
     rows = read_table(out)
-    assert list(rows[0]) == ["key", "path", "class_1", "prob_1"]
+    assert list(rows[0]) == ["key", "path", "class_1", "prob_1", "decision"]
     keys = [f"u0_{j:03d}" for j in range(5)] + ["u1_000", "u1_001", "u1_003"]
     assert [r["key"] for r in rows] == keys
     assert rows[0]["path"] == "station0/img0.png" and rows[-1]["path"] == "station1/img3.png"

@@ -490,23 +490,15 @@ def test_csv_bad_rows_are_quarantined_with_reasons(tmp_path):
     assert stored["g0.jpg"].image == (imgs / "g0.jpg").read_bytes()
 
 
-def test_csv_duplicate_object_ids_are_quarantined(tmp_path):
+def test_csv_duplicate_object_ids_are_a_config_error_naming_both_lines(tmp_path):
+    # one object, two rows: which one is the truth is the user's call, not a silent first-wins
     for i in range(3):
         save_image(tmp_path / f"g{i}.png", size=(8, 8), seed=i)
     rows = [["g0.png", "ant", "obj 1"], ["g1.png", "ant", "obj 2"], ["g2.png", "bee", "obj 1"]]
     table = write_table(tmp_path / "meta.csv", ["path", "label", "object_id"], rows)
-
-    info = run_build(tmp_path / "out", CsvSource(path=str(table), key_column="object_id"),
-                     split=NO_SPLIT, max_bad_fraction=1.0)
-
-    assert_reconciled(tmp_path / "out", info)
-    assert (info["inputs"], info["quarantined"]) == (3, 1)
-    (row,) = read_tsv(tmp_path / "out" / "quarantine.tsv")
-    assert "duplicate key" in row["reason"]
-    assert row["path"].endswith("g2.png") and row["class"] == "bee"
-    samples = read_samples(tmp_path / "out")
-    assert sorted(samples) == ["obj_1", "obj_2"]
-    assert samples["obj_1"].meta["path"] == "g0.png"
+    with pytest.raises(ConfigError, match=r"source\.key_column: .*id 'obj 1' on lines 2 and 4"):
+        run_build(tmp_path / "out", CsvSource(path=str(table), key_column="object_id"), split=NO_SPLIT)
+    assert not (tmp_path / "out" / "_info.json").exists()
 
 
 def test_csv_features_are_stored_and_empty_values_become_null(tmp_path):

@@ -298,6 +298,8 @@ class BagConfig:
     seed: int = 0                   # the bag's seed: member i trains with seed*1000 + i
     models: list[str] = field(default_factory=list)  # architectures, cycled over members; empty: model.name
     only: int | None = None         # train just this member (an array task); null: all of them
+    # after training every member locally: fit calibration.json on data.val_split (taxotrain-calibrate)
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         require(self.members >= 1, "bag.members", "must be >= 1")
@@ -378,12 +380,13 @@ def _check_shards(data: DataConfig, *more: tuple[str, str | None]) -> None:
     """The shard set exists and has the splits asked for: known before any process group or run_dir."""
     asked = (("data.train_split", data.train_split), ("data.val_split", data.val_split), *more)
     check_shard_set(data.shards, "data.shards",
-                    [(f"{key}={split!r}", split) for key, split in asked if split is not None])
+                    [(f"{key}={split!r}", split) for key, split in asked if split is not None], labelled=True)
 
 
-def check_shard_set(path: str, key: str, splits: list[tuple[str, str]]) -> None:
+def check_shard_set(path: str, key: str, splits: list[tuple[str, str]], labelled: bool = False) -> None:
     """`path` holds a shard set (`key` names the setting) with samples in each `(label, split)`; the
-    `ConfigError` of a missing split starts with its label. For every schema that reads shards."""
+    `ConfigError` of a missing split starts with its label. For every schema that reads shards;
+    `labelled` for those that need true classes (training, evaluation, calibration)."""
     from shards.info import InfoError, read_info  # not needed by synthetic runs
 
     try:
@@ -392,9 +395,13 @@ def check_shard_set(path: str, key: str, splits: list[tuple[str, str]]) -> None:
         raise ConfigError(f"{key}: {err}") from None
     for label, split in splits:
         try:
-            info.split(split)
+            found = info.split(split)
         except InfoError as err:
             raise ConfigError(f"{label}: {err}") from None
+        if labelled and not found.labelled:
+            raise ConfigError(f"{label}: split {split!r} of {path} is an unlabelled set (no true classes): "
+                              "it can be predicted (taxotrain-predict split=...) or exported as features, "
+                              "not evaluated or trained on")
 
 
 @dataclass

@@ -43,6 +43,7 @@ class ShardSet:
     split: str
     shards: tuple[Shard, ...]
     classes: tuple[str, ...]
+    labelled: bool = True   # False: an unlabelled set (samples without .cls), for predict and features
 
     @property
     def num_samples(self) -> int:
@@ -60,7 +61,7 @@ def load(root: str | Path, split: str) -> ShardSet:
     entries = info.split(split).shards
     shards = tuple(Shard(root / s.filename, s.num_samples, s.bytes, s.sha256, s.index_sha256)
                    for s in entries)
-    return ShardSet(root, split, shards, info.classes)
+    return ShardSet(root, split, shards, info.classes, info.split(split).labelled)
 
 
 def check(shards: Sequence[Shard], mode: CheckMode) -> list[str]:

@@ -31,6 +31,18 @@ class Combine(Choice):
     geometric = "geometric"  # normalised geometric mean
 
 
+class CalibrationUse(Choice):
+    auto = "auto"    # the bag's calibration.json (temperatures, thresholds) when it has one
+    none = "none"    # raw softmax; no object is accepted automatically
+
+
+class PredictFormat(Choice):
+    tsv = "tsv"
+    csv = "csv"
+    parquet = "parquet"
+    ecotaxa = "ecotaxa"  # EcoTaxa's TSV import layout, keyed by object_id
+
+
 class FeatureMode(Choice):
     per_member = "per_member"
     concat = "concat"
@@ -46,6 +58,7 @@ class BagChoice:
     bag: str = "???"                # a bag directory (bag.json) or one training run directory
     members: list[str] = field(default_factory=list)  # a subset by name; empty: every member
     checkpoint: Checkpoint = Checkpoint.best  # best (by validation top-1; newest if none) | latest
+    calibration: CalibrationUse = CalibrationUse.auto  # auto: the bag's calibration.json if any | none
 
     def __post_init__(self) -> None:
         require(Path(self.bag).expanduser().is_dir(), "bag", f"{self.bag} is not a directory")
@@ -81,6 +94,7 @@ class EvalData:
 @dataclass
 class EvaluateConfig(InferenceConfig):
     data: EvalData = field(default_factory=EvalData)
+    precisions: list[float] = field(default_factory=lambda: [0.95, 0.99])  # coverage reported at each
     exclude_classes: list[str] = field(default_factory=list)  # true classes left out of the summary
     confused_pairs: int = 20        # most confused (true, predicted) pairs listed in the report
     plot_classes: int = 40          # confusion.png shows all classes up to this many, else the most confused
@@ -92,14 +106,37 @@ class EvaluateConfig(InferenceConfig):
         super().__post_init__()
         require(self.confused_pairs >= 0, "confused_pairs", "must be >= 0")
         require(self.plot_classes >= 2, "plot_classes", "must be >= 2")
-        check_shard_set(self.data.shards, "data.shards", [("data.split", self.data.split)])
+        require(all(0 < p < 1 for p in self.precisions), "precisions",
+                f"must be in (0, 1), got {self.precisions}")
+        check_shard_set(self.data.shards, "data.shards", [("data.split", self.data.split)], labelled=True)
+
+
+@dataclass
+class CalibrateConfig(InferenceConfig):
+    data: EvalData = field(default_factory=lambda: EvalData(split="val"))
+    target_precision: float = 0.95  # per-class thresholds: accepted objects reach this precision on val
+    min_samples: int = 20           # classes predicted fewer times on val use the global threshold
+    max_samples: int = 50_000       # validation objects used for the fit (the first ones streamed)
+    out: str | None = None          # default: <bag>/calibration.json, where the other tools look
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 < self.target_precision < 1, "target_precision",
+                f"must be in (0, 1), got {self.target_precision}")
+        require(self.min_samples >= 1, "min_samples", f"must be >= 1, got {self.min_samples}")
+        require(self.max_samples >= 100, "max_samples", f"must be >= 100, got {self.max_samples}")
+        check_shard_set(self.data.shards, "data.shards", [("data.split", self.data.split)], labelled=True)
+
+    def out_path(self) -> Path:
+        return Path(self.out) if self.out else Path(self.bag) / "calibration.json"
 
 
 @dataclass
 class PredictConfig(InferenceConfig):
     input: str = "???"              # a folder of images, or a shard directory (_info.json)
     split: str = "test"             # shard input only
-    out: str | None = None          # default: BAG/predictions.tsv; a name ending in .csv writes CSV
+    out: str | None = None          # default: BAG/predictions.<format>; ecotaxa: BAG/ecotaxa_predictions.tsv
+    format: PredictFormat | None = None  # tsv | csv | parquet | ecotaxa; None: from out's suffix, else tsv
     top_k: int = 5                  # classes per row; clipped to the number of classes
 
     def __post_init__(self) -> None:
@@ -108,13 +145,25 @@ class PredictConfig(InferenceConfig):
         require(Path(self.input).exists(), "input", f"{self.input} does not exist")
         require(not (self.out and Path(self.out).is_dir()), "out",
                 f"{self.out} is a folder; give a file name such as predictions.tsv")
+        # EcoTaxa's import picks up ecotaxa*.tsv only: another name would be ignored there without a word
+        require(self.out_format() != "ecotaxa" or self.out_path().name.startswith("ecotaxa"), "out",
+                f"format=ecotaxa: EcoTaxa imports only files named ecotaxa*.tsv, "
+                f"got {self.out_path().name!r}")
 
     @property
     def is_shards(self) -> bool:
         return (Path(self.input) / "_info.json").is_file()
 
+    def out_format(self) -> str:
+        if self.format is not None:
+            return str(self.format.value)
+        suffix = Path(self.out).suffix.lower().lstrip(".") if self.out else ""
+        return suffix if suffix in ("csv", "parquet") else "tsv"
+
     def out_path(self) -> Path:
-        return Path(self.out) if self.out else Path(self.bag) / "predictions.tsv"
+        from trainer.inference.outputs import default_name
+
+        return Path(self.out) if self.out else Path(self.bag) / default_name(self.out_format())
 
 
 @dataclass

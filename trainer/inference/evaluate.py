@@ -2,9 +2,11 @@
 
 Loads every member of a bag (`bag.json`) or a single run directory (`trainer/members.py`), runs
 them on the same batches, optionally with test-time augmentation (`tta=hflip|fivecrop|tencrop`),
-combines their probabilities (`combine=mean|geometric`) and writes into the bag directory (or
-`out=DIR`): `report.json`, `report.md`, `per_class.csv`, `confusion.png` and `reliability.png`;
-with `logger.mode=offline|online` also to W&B. Runs in-process, under torchrun or as srun tasks:
+combines their probabilities (`combine=mean|geometric`), applies the bag's calibration
+(`scoring.py`; `calibration=none` turns it off) and writes into the bag directory (or `out=DIR`):
+`report.json`, `report.md`, `per_class.csv`, `confusion.png`, `reliability.png` and
+`precision_coverage.png` (automatic acceptance: `acceptance.py`); with `logger.mode=offline|online`
+also to W&B. Runs in-process, under torchrun or as srun tasks:
 every sample is evaluated exactly once across ranks and the sums are reduced at the end.
 """
 from __future__ import annotations
@@ -20,11 +22,13 @@ import torch
 
 from trainer.data import shardset
 from trainer.data import streams as data
+from trainer.inference import acceptance
 from trainer.inference import plots as plots_mod
 from trainer.inference.config import EvaluateConfig
 from trainer.inference.confusion import Confusion
-from trainer.inference.ensemble import ProbabilityMetrics, combine
-from trainer.inference.members import augment_config, input_transform, load_bag, probabilities
+from trainer.inference.ensemble import ProbabilityMetrics
+from trainer.inference.members import augment_config, input_transform, load_bag
+from trainer.inference.scoring import ENSEMBLE, Scorer, calibration_path, load_calibration
 from trainer.runtime import distributed, lock
 from trainer.runtime.choices import plain
 from trainer.runtime.exits import ConfigError
@@ -34,7 +38,7 @@ from trainer.tracking.tracker import Tracker, jsonable
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("top1", "top5", "mrr", "balanced_acc", "macro_top5", "nll", "ece", "n")
 FILES = {"json": "report.json", "md": "report.md", "csv": "per_class.csv", "confusion": "confusion.png",
-         "reliability": "reliability.png"}
+         "reliability": "reliability.png", "coverage": "precision_coverage.png"}
 
 
 
@@ -43,6 +47,8 @@ FILES = {"json": "report.json", "md": "report.md", "csv": "per_class.csv", "conf
 def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -> dict:
     """The report (see `FILES`) as a dict; the same on every rank."""
     members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
+    scorer = Scorer(members, cfg.tta, cfg.combine,
+                    load_calibration(cfg.bag, cfg.calibration, members, cfg.tta, cfg.combine))
     split = shardset.load(cfg.data.shards, cfg.data.split)
     shardset.check_across_ranks(split.shards, cfg.data.check, rank, world)  # a flipped label byte shows
     if members[0].classes != list(split.classes):
@@ -57,6 +63,9 @@ def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -
     num_classes = len(split.classes)
     metrics = {m.name: ProbabilityMetrics(num_classes, device) for m in members}
     ensemble = ProbabilityMetrics(num_classes, device)
+    # before temperature scaling, when a calibration is applied (NLL and ECE, before and after)
+    raw = {name: ProbabilityMetrics(num_classes, device) for name in [*metrics, ENSEMBLE]}
+    decisions = acceptance.Decisions([m.name for m in members])
     confusion = Confusion(num_classes)
     bad = 0
     for batch in data.eval_batches(stream, cfg.workers):
@@ -65,17 +74,21 @@ def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -
         if not bool(keep.any()):
             continue
         labels, images = batch.labels[keep].to(device), batch.images[keep]
-        probs = [probabilities(m, images, cfg.tta) for m in members]
-        for m, p in zip(members, probs):
+        scores = scorer(images)
+        for m, p in zip(members, scores.members):
             metrics[m.name].update(p, labels)
-        combined = combine(probs, cfg.combine)
-        ensemble.update(combined, labels)
-        confusion.update(combined, labels)
+        ensemble.update(scores.ensemble, labels)
+        confusion.update(scores.ensemble, labels)
+        for name, p in zip(raw, [*scores.raw_members, scores.raw_ensemble]):
+            raw[name].update(p, labels)
+        decisions.update(scores, labels)
     member_values = {name: state.all_reduce().compute() for name, state in metrics.items()}
     report = {"split": cfg.data.split, "combine": cfg.combine, "tta": cfg.tta, "checkpoint": cfg.checkpoint,
               "excluded_classes": list(cfg.exclude_classes), "classes": list(split.classes),
               "members": member_values, "ensemble": ensemble.all_reduce().compute(),
               "bad_samples": _sum_over_ranks(bad, device)}
+    report["calibration"] = calibration_section(cfg, scorer, report, raw)
+    report["acceptance"] = acceptance.report(decisions, scorer, list(split.classes), list(cfg.precisions))
     confusion.all_reduce()
     report["reliability"] = {"ensemble": ensemble.calibration.diagram(),
                              **{name: state.calibration.diagram() for name, state in metrics.items()}}
@@ -87,6 +100,20 @@ def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -
     report["confusion"] = {"classes": [split.classes[c] for c in shown],
                            "counts": confusion.matrix(shown).tolist()}
     return report
+
+
+def calibration_section(cfg: EvaluateConfig, scorer: Scorer, report: dict, raw: dict) -> dict:
+    """Temperatures applied, and NLL/ECE of each model before and after them."""
+    if not scorer.calibrated:
+        return {"applied": False, "file": None}
+    before = {name: state.all_reduce().compute() for name, state in raw.items()}
+    after = {**report["members"], ENSEMBLE: report["ensemble"]}
+    temps = {**{m.name: t for m, t in zip(scorer.members, scorer.temperatures)},
+             ENSEMBLE: scorer.ensemble_temperature}
+    return {"applied": True, "file": str(calibration_path(cfg.bag)), "temperatures": temps,
+            "models": {name: {"nll_before": before[name]["nll"], "nll_after": after[name]["nll"],
+                              "ece_before": before[name]["ece"], "ece_after": after[name]["ece"]}
+                       for name in after}}
 
 
 def _sum_over_ranks(value: int, device: torch.device) -> int:
@@ -110,11 +137,22 @@ def per_class(report: dict, confusion: Confusion) -> list[dict]:
 def markdown(report: dict, files: dict[str, Path] | None = None) -> str:
     rows = [*report["members"].items(), ("**ensemble**", report["ensemble"])]
     title = f"# Evaluation on `{report['split']}` ({report['combine']} of probabilities, TTA {report['tta']})"
-    header = "| model | " + " | ".join(SUMMARY_KEYS) + " |"
-    lines = [title, "", header, "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
+    accepted = report["acceptance"]["thresholds"]
+    extra = ["auto coverage", "auto precision"] if accepted else []
+    header = "| model | " + " | ".join([*SUMMARY_KEYS, *extra]) + " |"
+    lines = [title, "", header, "|---" * (len(SUMMARY_KEYS) + len(extra) + 1) + "|"]
     for name, values in rows:
         cells = [f"{values[k]:.4f}" if isinstance(values[k], float) else str(values[k]) for k in SUMMARY_KEYS]
+        auto = accepted.get(name.strip("*"))
+        if extra:
+            cells += [f"{auto['coverage']:.3f}", acceptance._fmt(auto["precision"])] if auto else ["-", "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if accepted:
+        target = next(iter(accepted.values()))["target_precision"]
+        lines += ["", f"auto: objects above their class's threshold (fitted on validation for precision "
+                  f"{target}), and the precision they reach on this split."]
+    lines += calibration_markdown(report["calibration"])
+    lines += acceptance.markdown(report["acceptance"])
     if report["most_confused"]:
         lines += ["", "## Most confused pairs (ensemble)", "", "| true | predicted | count | of true class |",
                   "|---|---|---:|---:|"]
@@ -127,6 +165,18 @@ def markdown(report: dict, files: dict[str, Path] | None = None) -> str:
     if files:
         lines += ["", "Files: " + ", ".join(f"`{p.name}`" for p in files.values())]
     return "\n".join(lines) + "\n"
+
+
+def calibration_markdown(section: dict) -> list[str]:
+    if not section["applied"]:
+        return ["", "Uncalibrated (calibration=none, or the bag has no calibration.json)."]
+    lines = ["", f"## Temperature scaling (`{section['file']}`)", "",
+             "| model | temperature | nll before | nll after | ece before | ece after |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, m in section["models"].items():
+        lines.append(f"| {name} | {section['temperatures'][name]:.3f} | {m['nll_before']:.4f} | "
+                     f"{m['nll_after']:.4f} | {m['ece_before']:.4f} | {m['ece_after']:.4f} |")
+    return lines
 
 
 def write_report(report: dict, out: Path, plots: bool) -> dict[str, Path]:
@@ -147,6 +197,11 @@ def write_report(report: dict, out: Path, plots: bool) -> dict[str, Path]:
                                 title)
         eces = {"ensemble": report["ensemble"]["ece"], **{m: v["ece"] for m, v in report["members"].items()}}
         plots_mod.reliability_png(files["reliability"], report["reliability"], eces, "ensemble")
+        section = report["acceptance"]
+        curves = {m: (np.asarray(c["coverage"]), np.asarray(c["precision"]))
+                  for m, c in section["curves"].items()}
+        points = {m: (t["coverage"], t["precision"]) for m, t in section["thresholds"].items()}
+        plots_mod.precision_coverage_png(files["coverage"], curves, points, section["precisions"], ENSEMBLE)
     return files
 
 
@@ -173,7 +228,7 @@ def log_to_wandb(cfg: EvaluateConfig, report: dict, files: dict[str, Path], out:
         per_class_rows = report["per_class"]
         tables = {"summary": (columns, table),
                   "per_class": (list(per_class_rows[0]), [list(r.values()) for r in per_class_rows])}
-        images = {k: files[k] for k in ("confusion", "reliability") if k in files}
+        images = {k: files[k] for k in ("confusion", "reliability", "coverage") if k in files}
         tracker.media(images, tables, step=0)
 
 

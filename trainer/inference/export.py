@@ -35,7 +35,9 @@ from torch import Tensor, nn
 from trainer import model
 from trainer.checkpoint import Checkpointer
 from trainer.data.transforms import AugmentConfig, Normalize, eval_transform
+from trainer.inference.calibration import BagCalibration
 from trainer.inference.members import member_dirs
+from trainer.inference.scoring import ENSEMBLE, calibration_path
 from trainer.runtime import lock
 from trainer.runtime.exits import ConfigError, UsageError
 from trainer.runtime.files import atomic_write, sha256_file
@@ -57,10 +59,12 @@ class ExportError(UsageError, ValueError):
 # ---------------------------------------------------------------------------------------------- export
 
 
-def export_bag(bag: Path, subset: list[str], which: str, out: Path | None = None) -> tuple[Path, list[dict]]:
+def export_bag(bag: Path, subset: list[str], which: str, out: Path | None = None,
+               calibration: str = "auto") -> tuple[Path, list[dict]]:
     """Export the members of a bag (or one run directory) into `out` (default `<bag>/export`).
 
     Returns the export directory and each member's metadata. Re-exporting overwrites the files.
+    With `calibration=auto`, the bag's temperatures and acceptance thresholds go into bag.json.
     """
     bag = Path(bag)
     if not bag.is_dir():
@@ -69,10 +73,32 @@ def export_bag(bag: Path, subset: list[str], which: str, out: Path | None = None
     out = Path(out) if out is not None else bag / "export"
     out.mkdir(parents=True, exist_ok=True)
     with lock.writing(out, "export"):
-        return out, _export_into(out, bag, found, which)
+        return out, _export_into(out, bag, found, which, calibration)
 
 
-def _export_into(out: Path, bag: Path, found: list[tuple[str, Path]], which: str) -> list[dict]:
+def calibration_record(bag: Path, use: str, names: list[str]) -> dict | None:
+    """The bag's calibration as bag.json carries it (None without one), for these members only."""
+    path = calibration_path(bag)
+    if use == "none" or not path.is_file():
+        if use != "none":
+            log.warning("%s: no calibration.json: the export carries no temperatures or thresholds", bag)
+        return None
+    cal = BagCalibration.load(path)
+    missing = sorted(set(names) - set(cal.members))
+    if missing:
+        raise ConfigError(f"{path}: no temperature for member(s) {missing}; calibrate the bag again or "
+                          "export with calibration=none")
+    whole = sorted(cal.members) == sorted(names)
+    return {"temperatures": {n: cal.members[n] for n in names},
+            # softmax(log(combined) / T); fitted for the whole bag only
+            "ensemble_temperature": cal.ensemble if whole else 1.0,
+            "thresholds": {m: t.to_dict() for m, t in cal.thresholds.items()
+                           if m in names or (whole and m == ENSEMBLE)},
+            "fitted_on": {"split": cal.split, "shards": cal.shards, "n": cal.n, "tta": cal.tta}}
+
+
+def _export_into(out: Path, bag: Path, found: list[tuple[str, Path]], which: str,
+                 calibration: str) -> list[dict]:
     """The files of `export_bag`, written while it holds `out`'s lock; returns each member's metadata."""
     metas = [export_member(name, run_dir, which, out) for name, run_dir in found]
     for meta in metas[1:]:
@@ -85,6 +111,8 @@ def _export_into(out: Path, bag: Path, found: list[tuple[str, Path]], which: str
         "source": str(bag.resolve()),
         "members": [{"name": m["name"], "meta": f"{m['name']}.json", "weights": m["weights"]["file"],
                      "model": m["model"]} for m in metas],
+        # each member's softmax(logits / T), then the ensemble's temperature and acceptance thresholds
+        "calibration": calibration_record(bag, calibration, [m["name"] for m in metas]),
     }
     atomic_write(out / "bag.json", json.dumps(record, indent=1) + "\n")
     return metas

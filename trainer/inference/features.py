@@ -4,8 +4,9 @@ For a random forest on native (instrument-measured) plus deep features, as EcoTa
 sample's key, label, class, source path and native features (the `.json` member written by
 shards.build; NaN where unmeasured), next to each member's embedding (the input of its last Linear
 layer, averaged over the TTA views) and the ensemble's mean probabilities. `mode=concat` puts the
-members side by side in one array. `pca=N` projects with a PCA fitted on the first split listed only
-(normally train) and applied to every split, so nothing of val/test shapes the projection.
+members side by side in one array. An unlabelled set (`shards.build source.unlabelled=NAME`) is
+exported too: its labels are -1 and its class empty. `pca=N` projects with a PCA fitted on the first
+split listed only (normally train) and applied to every split, so nothing of val/test shapes it.
 
 Writes `features-<split>.npz` (or `.parquet`), `pca.npz` and last `features.json` into `<bag>/features`
 (or `out=DIR`), each atomically. Rows are sorted by key, so a rerun writes the same bytes. Runs
@@ -108,7 +109,8 @@ def embed_split(split: ShardSet, members: list[Member], cfg: FeaturesConfig, nam
     if max_bad is None:
         max_bad = members[0].config["data"]["max_bad_fraction"]
     transform = bag_members.input_transform(bag_members.augment_config(members[0]), cfg.tta)
-    stream = data.EvalStream(split, transform, cfg.batch_size, rank, world, cfg.workers, max_bad)
+    stream = data.EvalStream(split, transform, cfg.batch_size, rank, world, cfg.workers, max_bad,
+                             labelled=split.labelled)
     parts = [Rows.empty(member_dims(members), len(names), len(split.classes))]
     for batch in data.eval_batches(stream, cfg.workers, pin_memory=device.type == "cuda"):
         parts[0].bad += batch.bad
@@ -203,7 +205,8 @@ def write_parquet(path: Path, rows: Rows, classes: list[str], names: list[str]) 
     import pyarrow.parquet as pq
 
     columns = {"key": pa.array(rows.keys.tolist(), pa.string()), "label": pa.array(rows.labels),
-               "class": pa.array([classes[i] for i in rows.labels], pa.string()),
+               # an unlabelled set's samples have label -1 and no class
+               "class": pa.array([classes[i] if i >= 0 else None for i in rows.labels], pa.string()),
                "path": pa.array(rows.paths.tolist(), pa.string())}
     for j, name in enumerate(names):
         columns[f"native.{name}"] = pa.array(rows.native[:, j], from_pandas=True)  # NaN -> null

@@ -142,11 +142,21 @@ def check_tta(tta: str) -> None:
 
 
 @torch.no_grad()
-def probabilities(member: Member, images: Tensor, tta: str) -> Tensor:
-    """float64 [B, C]: softmax averaged over the test-time views."""
+def view_logits(member: Member, images: Tensor, tta: str) -> Tensor:
+    """float64 [V, B, C]: the logits of each test-time view (what temperature scaling is fitted on)."""
     crop = member.config["data"]["crop_size"]
-    probs = [torch.softmax(member.net(member.normalize(v)).double(), dim=1) for v in views(images, tta, crop)]
-    return torch.stack(probs).mean(0)
+    return torch.stack([member.net(member.normalize(v)).double() for v in views(images, tta, crop)])
+
+
+def softmax_views(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """float64 [B, C]: softmax(logits / T) averaged over the views, as timm's TTA averages them."""
+    scaled = logits if temperature == 1.0 else logits / temperature
+    return torch.softmax(scaled, dim=-1).mean(0)
+
+
+def probabilities(member: Member, images: Tensor, tta: str, temperature: float = 1.0) -> Tensor:
+    """float64 [B, C]: softmax averaged over the test-time views."""
+    return softmax_views(view_logits(member, images, tta), temperature)
 
 
 @torch.no_grad()

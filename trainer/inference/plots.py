@@ -103,3 +103,37 @@ def learning_curve_png(path: Path, rows: list[dict], split: str) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best")
     return save(fig, path)
+
+
+def precision_coverage_png(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                           points: Mapping[str, tuple[float, float]], targets: Sequence[float],
+                           highlight: str) -> Path:
+    """Precision against coverage of one global confidence threshold for every model (the `highlight`
+    one thicker), each model's per-class-threshold operating point as a marker in its colour, and a
+    dashed line at each target precision: where a curve crosses it is what one global threshold buys."""
+    fig = Figure(figsize=(6.5, 5))
+    ax = fig.add_subplot()
+    colours = {}
+    for name, (coverage, precision) in curves.items():
+        thick = {"linewidth": 2.5, "color": "black", "zorder": 3}
+        style = thick if name == highlight else {"linewidth": 1, "alpha": 0.8}
+        (line,) = ax.plot(coverage, precision, label=name, **style)
+        colours[name] = line.get_color()
+    for name, (coverage, precision) in points.items():
+        ax.plot([coverage], [precision], marker="o", markersize=8 if name == highlight else 6,
+                markeredgecolor="black", color=colours.get(name, "tab:red"), linestyle="none", zorder=4)
+    for target in targets:
+        ax.axhline(target, linestyle="--", color="grey", linewidth=1)
+        ax.annotate(f"{target:g}", (1.0, target), textcoords="offset points", xytext=(3, 0),
+                    va="center", fontsize=8, color="grey", annotation_clip=False)
+    # zoom on the precisions that occur: the interesting part is a few points below 1, not 0..1
+    lows = [float(np.nanmin(p)) for _, p in curves.values() if np.isfinite(p).any()]
+    lows += [p for _, p in points.values() if math.isfinite(p)] + [float(t) for t in targets]
+    ax.set_xlim(0, 1)
+    ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.02), 1.005)
+    ax.set_xlabel("coverage (fraction accepted automatically)")
+    ax.set_ylabel("precision of the accepted")
+    ax.set_title("Precision against coverage (markers: per-class thresholds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return save(fig, path)

@@ -1,19 +1,19 @@
-"""Predict new images with a bag: the ensemble's top-k classes per image.
+"""Predict new images with a bag: the ensemble's top-k classes per image, and whether to accept it unseen.
 
 `input` is a folder of images (searched recursively; hidden files ignored as `shards.build` does) or
-a shard directory (`_info.json`, `split=test`), labelled or not. The table has one row per readable
-image, in input order (sorted relative paths; shard samples by key), with `class_1, prob_1, ...,
-class_k, prob_k`: ready for a person to validate (EcoTaxa's "predicted" category). An image that
-cannot be read is never dropped: it goes to the sibling `*.unreadable.tsv` with the reason, and the
-summary reconciles `N inputs = P predicted + U unreadable`. Default out: `BAG/predictions.tsv`
-(never inside the image folder); a name ending in `.csv` writes CSV. Runs in-process, under
-torchrun or as srun tasks: rank r predicts every world-th image (shards: EvalStream's deal), and
-rank 0 gathers the rows and writes both files atomically.
+a shard directory (`_info.json`, `split=test`, or an unlabelled set such as `split=unlabelled`). One row
+per readable image, in input order (sorted relative paths; shard samples by key): its `object_id` when
+the shards carry one, `class_1, prob_1, ..., class_k, prob_k` with the bag's calibrated probabilities
+(`scoring.py`), and `decision`: `auto` when the top-1 clears its class's threshold in the bag's
+`calibration.json`, else `review` (always without one). Formats (`outputs.py`): tsv, csv, parquet and
+`ecotaxa`, EcoTaxa's import TSV. An image that cannot be read is never dropped: it goes to the sibling
+`*.unreadable.tsv` with the reason, and the summary reconciles `N inputs = P predicted + U unreadable`.
+Default out: `BAG/predictions.<format>` (never inside the image folder). Runs in-process, under
+torchrun or as srun tasks: rank r predicts every world-th image (shards: EvalStream's deal), and rank 0
+gathers the rows and writes both files atomically.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from collections import Counter
@@ -32,14 +32,9 @@ from trainer.data import shardset
 from trainer.data import streams as data
 from trainer.data.transforms import MAX_PIXELS, BadSample, decode_bytes, image_kind
 from trainer.inference.config import PredictConfig
-from trainer.inference.ensemble import combine
-from trainer.inference.members import (
-    Member,
-    augment_config,
-    input_transform,
-    load_bag,
-    probabilities,
-)
+from trainer.inference.members import Member, augment_config, input_transform, load_bag
+from trainer.inference.outputs import PredictionRow, text_table, write_predictions
+from trainer.inference.scoring import ENSEMBLE, Scorer, load_calibration
 from trainer.runtime import distributed, files, lock
 from trainer.runtime.exits import ConfigError
 from trainer.runtime.files import atomic_write
@@ -54,16 +49,9 @@ MAX_FILE_BYTES = 1 << 30
 
 
 
-class Row(NamedTuple):
-    key: str                  # folder input: the relative path
-    path: str
-    classes: tuple[str, ...]
-    probs: tuple[float, ...]
-
-
 class Result(NamedTuple):
     inputs: int
-    rows: list[Row]
+    rows: list[PredictionRow]
     unreadable: list[data.BadRecord]
     skipped: Counter          # folder input: files that are not images, by extension
     k: int                    # classes per row (top_k clipped to the number of classes)
@@ -189,29 +177,36 @@ def batches(cfg: PredictConfig, members: list[Member], rank: int, world: int
 
 
 @torch.no_grad()
-def predict_rows(stream: Iterable[data.Batch], members: list[Member], cfg: PredictConfig
-                 ) -> tuple[list[Row], list[data.BadRecord]]:
-    classes = members[0].classes
-    k = min(cfg.top_k, len(classes))
-    rows: list[Row] = []
+def predict_rows(stream: Iterable[data.Batch], scorer: Scorer, top_k: int
+                 ) -> tuple[list[PredictionRow], list[data.BadRecord]]:
+    """Top-k rows of the calibrated ensemble; `auto` where its top-1 clears its class's threshold."""
+    classes = scorer.members[0].classes
+    k = min(top_k, len(classes))
+    thresholds = scorer.thresholds(ENSEMBLE)
+    rows: list[PredictionRow] = []
     bad: list[data.BadRecord] = []
     for batch in stream:
         bad += batch.bad
         if not batch.keys:
             continue
-        probs = combine([probabilities(m, batch.images, cfg.tta) for m in members], cfg.combine)
-        top = probs.topk(k, dim=1)
-        for key, meta, p, i in zip(batch.keys, batch.meta, top.values.tolist(), top.indices.tolist()):
-            rows.append(Row(key, str(meta.get("path", "")), tuple(classes[j] for j in i), tuple(p)))
+        top = scorer(batch.images).ensemble.topk(k, dim=1)
+        conf, pred = top.values[:, 0].numpy(), top.indices[:, 0].numpy()
+        auto = thresholds.accept(conf, pred) if thresholds is not None else [False] * len(conf)
+        for key, meta, p, i, ok in zip(batch.keys, batch.meta, top.values.tolist(), top.indices.tolist(),
+                                       auto):
+            rows.append(PredictionRow(key, str(meta.get("path", "")), str(meta.get("id", "")),
+                                      tuple(classes[j] for j in i), tuple(p), "auto" if ok else "review"))
     return rows, bad
 
 
 def predict(cfg: PredictConfig, rank: int, world: int, device: torch.device) -> Result | None:
     """Every rank predicts its share; rank 0 gets the whole result (in input order), the others None."""
     members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
+    scorer = Scorer(members, cfg.tta, cfg.combine,
+                    load_calibration(cfg.bag, cfg.calibration, members, cfg.tta, cfg.combine))
     inputs, skipped, stream = batches(cfg, members, rank, world)
     start = time.monotonic()
-    rows, bad = predict_rows(stream, members, cfg)
+    rows, bad = predict_rows(stream, scorer, cfg.top_k)
     seconds = time.monotonic() - start
     parts = distributed.gather((rows, bad))
     if parts is None:
@@ -228,35 +223,27 @@ def predict(cfg: PredictConfig, rank: int, world: int, device: torch.device) -> 
 # ---------------------------------------------------------------- output
 
 
-def table(header: list[str], rows: Iterable[list[str]], delimiter: str) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, delimiter=delimiter, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def unreadable_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}.unreadable{out.suffix or '.tsv'}")
+    """The sibling listing unreadable inputs: CSV beside a CSV, TSV beside anything else."""
+    suffix = ".csv" if out.suffix.lower() == ".csv" else ".tsv"
+    return out.with_name(f"{out.stem}.unreadable{suffix}")
 
 
-def write(result: Result, out: Path, shards: bool) -> Path:
-    """The predictions table and its `.unreadable` sibling (always written: no stale file survives)."""
+def write(result: Result, out: Path, shards: bool, fmt: str) -> Path:
+    """The predictions and their `.unreadable` sibling (always written: no stale file survives)."""
+    write_predictions(out, fmt, result.rows, result.k, shards)
     delimiter = "," if out.suffix.lower() == ".csv" else "\t"
-    header = ["key", "path"] if shards else ["path"]
-    header += [name for i in range(1, result.k + 1) for name in (f"class_{i}", f"prob_{i}")]
-    lines = ([*([r.key, r.path] if shards else [r.path]),
-              *[v for c, p in zip(r.classes, r.probs) for v in (c, f"{p:.6f}")]] for r in result.rows)
-    atomic_write(out, table(header, lines, delimiter))
     bad_header = ["key", "shard", "reason"] if shards else ["path", "reason"]
     bad_lines = ([b.key, b.shard, b.reason] if shards else [b.key, b.reason] for b in result.unreadable)
     sibling = unreadable_path(out)
-    atomic_write(sibling, table(bad_header, bad_lines, delimiter))
+    atomic_write(sibling, text_table(bad_header, bad_lines, delimiter))
     return sibling
 
 
 def summary(result: Result, out: Path, sibling: Path) -> str:
+    auto = sum(r.decision == "auto" for r in result.rows)
     text = (f"{result.inputs} inputs = {len(result.rows)} predicted + {len(result.unreadable)} unreadable\n"
+            f"{auto} marked auto (above their class's threshold), {len(result.rows) - auto} review\n"
             f"predictions: {out}\nunreadable: {sibling}")
     if result.skipped:
         kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(result.skipped.items()))
@@ -273,7 +260,7 @@ def run(cfg: PredictConfig) -> int:
         with lock.writing(out.parent, "predict", env):
             result = predict(cfg, env.rank, env.world_size, device)
             if result is not None:
-                sibling = write(result, out, cfg.is_shards)
+                sibling = write(result, out, cfg.is_shards, cfg.out_format())
                 print(summary(result, out, sibling))
         return 0
     finally:

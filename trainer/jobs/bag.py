@@ -50,6 +50,21 @@ def describe(cfg: schema.BagRunConfig, members: list[schema.TrainConfig]) -> dic
                         for m in members]}
 
 
+def calibrate_bag(cfg: schema.BagRunConfig) -> None:
+    """The bag's calibration.json, fitted on the validation split (`trainer/inference/calibrate.py`)."""
+    from trainer.inference.calibrate import calibrate
+    from trainer.inference.config import CalibrateConfig, EvalData
+
+    if cfg.data.val_split is None or cfg.data.shards is None:
+        log.warning("bag: no validation split, no calibration.json (fit one with taxotrain-calibrate)")
+        return
+    env = distributed.detect()
+    fit = CalibrateConfig(bag=cfg.run_dir, workers=cfg.loader.workers, batch_size=cfg.loader.batch_size,
+                          dist_timeout_s=cfg.trainer.dist_timeout_s,
+                          data=EvalData(shards=cfg.data.shards, split=cfg.data.val_split))
+    calibrate(fit, env.rank, env.world_size, distributed.select_device(env.local_rank))
+
+
 def train_bag(cfg: schema.BagRunConfig) -> int:
     members = [member_config(cfg, i) for i in range(cfg.bag.members)]
     chosen = members if cfg.bag.only is None else [members[cfg.bag.only]]
@@ -74,6 +89,8 @@ def train_bag(cfg: schema.BagRunConfig) -> int:
             code = run(member)
             if code != 0:
                 return code  # a stop (75) or failure: the same command resumes the bag from here
+        if cfg.bag.calibrate and cfg.bag.only is None:
+            calibrate_bag(cfg)
         return 0
     finally:
         distributed.cleanup()
