@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from shards import config
 from shards.config import ShardConfig
+from shards.items import SPLITS
 from shards.manifest import Tally, load_results, status_counts, status_summary, summary, tally, write_manifest
 from shards.plan import ShardPlan, make_plan
 from shards.sources import collect
@@ -104,8 +105,25 @@ def _build(cfg: ShardConfig, out: Path) -> dict | None:
     print("\n".join(filter(None, [summary(t), status_summary(statuses)])))
     for name in col.empty_classes:
         print(f"warning: class {name!r} has no images")
+    for line in _unmeasured(info):
+        print(line)
     _report(t, sum(len(s["filenames"]) for s in info["splits"].values()), out, cfg.max_bad_fraction)
     return info
+
+
+def _unmeasured(info: dict) -> list[str]:
+    """A warning per class with images but none in val or test (a split that has samples at all):
+    its accuracy is never measured there, which rare classes hit first with a fractional split."""
+    splits = info["splits"]
+    held_out = [s for s in ("val", "test") if splits.get(s, {}).get("num_samples")]
+    lines = []
+    for i, name in enumerate(info["classes"]):
+        counts = {s: splits[s]["class_counts"][i] for s in SPLITS if "class_counts" in splits.get(s, {})}
+        total = sum(counts.values())
+        if total and any(counts[s] == 0 for s in held_out):
+            shown = ", ".join(f"{counts[s]} in {s}" for s in held_out)
+            lines.append(f"warning: class {name!r} has {total} image(s), {shown}")
+    return lines
 
 
 def _report(t: Tally, shards: int, out: Path, max_bad_fraction: float) -> None:

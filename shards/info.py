@@ -37,6 +37,8 @@ class SplitInfo:
     shards: tuple[ShardEntry, ...]
     # False for an unlabelled set (samples without .cls); True in older manifests and timm's layout
     labelled: bool = True
+    # samples per class, in the order of `classes`; None in timm's layout and on an unlabelled set
+    class_counts: tuple[int, ...] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -81,6 +83,10 @@ def read_info(root: Path) -> ShardInfo:
     needed = any(s.labelled and s.num_samples for s in splits.values())
     if not isinstance(classes, list) or (needed and not classes):
         raise InfoError(f"{path}: no 'classes' list; the class map is needed for num_classes")
+    for split in splits.values():
+        if split.class_counts is not None and len(split.class_counts) != len(classes):
+            raise InfoError(f"{path}: split {split.name!r}: {len(split.class_counts)} 'class_counts' for "
+                            f"{len(classes)} classes")
     features = raw.get("features") or []
     return ShardInfo(Path(root), tuple(str(c) for c in classes), splits, tuple(str(f) for f in features))
 
@@ -97,7 +103,7 @@ def _split(path: Path, name: str, entry: object) -> SplitInfo:
                                       s.get("sha256"), s.get("index"), s.get("index_sha256"))
                            for s in entry["shards"])
             _same_lengths(path, name, entry, shards)
-            return SplitInfo(name, shards, labelled)
+            return SplitInfo(name, shards, labelled, _class_counts(path, name, entry))
         names, lengths = entry.get("filenames"), entry.get("shard_lengths")
         if not isinstance(names, list) or not isinstance(lengths, list) or len(names) != len(lengths):
             raise InfoError(f"{path}: split {name!r} needs 'filenames' and 'shard_lengths' of equal length")
@@ -116,6 +122,18 @@ def _same_lengths(path: Path, name: str, entry: dict, shards: tuple[ShardEntry, 
     if list(names or []) != [s.filename for s in shards] or \
             [int(k) for k in lengths or []] != [s.num_samples for s in shards]:
         raise InfoError(f"{path}: split {name!r}: 'filenames'/'shard_lengths' and 'shards' disagree")
+
+
+def _class_counts(path: Path, name: str, entry: dict) -> tuple[int, ...] | None:
+    """`class_counts` where recorded, for loss weights and frequency reports. Not checked against the
+    shard lengths: they weigh and bin classes, and a wrong count there corrupts no sample."""
+    counts = entry.get("class_counts")
+    if counts is None:
+        return None
+    if not isinstance(counts, list) or any(isinstance(k, bool) or not isinstance(k, int) or k < 0
+                                           for k in counts):
+        raise InfoError(f"{path}: split {name!r}: 'class_counts' must be a list of counts >= 0")
+    return tuple(counts)
 
 
 def _opt_int(value: object) -> int | None:

@@ -85,7 +85,7 @@ def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | N
     corrupt = corrupt or {}
     splits, serial = {}, 0
     for split, counts in sizes.items():
-        entries = []
+        entries, class_counts = [], [0] * len(CLASSES)
         for i, count in enumerate(counts):
             samples = []
             for j in range(count):
@@ -100,6 +100,7 @@ def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | N
                             "features": sample_features(serial, features)}
                     members["json"] = json.dumps(meta, sort_keys=True).encode()
                 samples.append((key, members))
+                class_counts[label] += 1
                 serial += 1
             name = f"{split}-{i:06d}.tar"
             write_shard(root / name, samples, index)
@@ -108,7 +109,7 @@ def write_shardset(root: Path, sizes: dict[str, list[int]], corrupt: Corrupt | N
                             "sha256": hashlib.sha256(blob).hexdigest()})
         splits[split] = {"name": split, "num_samples": sum(counts),
                          "filenames": [e["filename"] for e in entries],
-                         "shard_lengths": counts, "shards": entries}
+                         "shard_lengths": counts, "shards": entries, "class_counts": class_counts}
     info = {"format": "taxotrain-shards/1", "classes": list(CLASSES), "num_classes": len(CLASSES),
             "splits": splits}
     if features is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trainer.runtime.choices import Choice
 from trainer.runtime.exits import ConfigError, require
@@ -26,6 +27,11 @@ class Augment(Choice):
     colorjitter = "colorjitter"
 
 
+class Resize(Choice):
+    crop = "crop"
+    letterbox = "letterbox"
+
+
 # webdataset | dali (trainer/data/dali.py) | torchvision-gpu (trainer/data/gpu_decode.py) | synthetic
 # The functional form, because OmegaConf matches a setting to a member by name and "torchvision-gpu"
 # is no identifier.
@@ -40,6 +46,17 @@ class DaliDevice(Choice):
 class OptimName(Choice):
     sgd = "sgd"
     adamw = "adamw"
+
+
+class Freeze(Choice):
+    none = "none"
+    backbone = "backbone"
+
+
+class ClassWeight(Choice):
+    none = "none"
+    balanced = "balanced"
+    sqrt = "sqrt"
 
 
 class ScheduleKind(Choice):
@@ -84,8 +101,16 @@ class DataConfig:
     check: Check = Check.sha256     # compare shards with the manifest before training: sha256 | size | off
     crop_size: int = 224
     eval_crop_ratio: float = 0.875  # eval resizes to crop_size / ratio, then centre-crops (224/256)
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random crop area range (letterbox too)
     hflip: float = 0.5
+    # crop: a random crop in training, short side + centre crop in evaluation (cuts elongated objects) |
+    # letterbox: the whole image, longer side to crop_size, padded square; training zooms in within scale
+    resize: Resize = Resize.crop
+    background: Any = 255           # letterbox padding: grey level 0-255 or [r,g,b]; black backgrounds: 0
+    # letterbox: false never enlarges a small image (size stays a taxonomic cue); crop_size ~ largest image
+    upscale: bool = True
+    vflip: float = 0.0              # probability of a vertical flip
+    rot90: bool = False             # rotate by a random multiple of 90 degrees (uniform)
     augment: Augment = Augment.none  # none | trivialaugment | colorjitter
     color_jitter: float = 0.4
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -108,6 +133,11 @@ class DataConfig:
         require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "data.scale",
                 "must be [low, high] with 0 < low <= high <= 1")
         require(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
+        require(0 <= self.vflip <= 1, "data.vflip", "must be a probability in [0, 1]")
+        require(_is_background(self.background), "data.background",
+                f"must be a grey level 0-255 or [r, g, b], got {self.background!r}")
+        require(self.upscale or self.resize == Resize.letterbox, "data.upscale",
+                "false needs data.resize=letterbox (a crop always fills crop_size)")
         require(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "data.mean/std",
                 "need 3 values each, std > 0")
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
@@ -116,6 +146,12 @@ class DataConfig:
         require(self.bootstrap_member is None or self.bootstrap_member >= 0, "data.bootstrap_member",
                 "must be >= 0 or null")
         require(0 < self.fraction <= 1, "data.fraction", f"must be in (0, 1], got {self.fraction}")
+
+
+def _is_background(value: object) -> bool:
+    """A grey level or an [r, g, b] list of ints in 0-255 (the schema cannot type "int or list")."""
+    levels = value if isinstance(value, list | tuple) and len(value) == 3 else [value]
+    return all(type(v) is int and 0 <= v <= 255 for v in levels)  # type: bool is no grey level
 
 
 @dataclass
@@ -146,8 +182,11 @@ class LoaderConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet50"          # any torchvision classification model (torchvision.models.list_models)
-    pretrained: str | None = None   # local weights file; never downloaded
+    # a torchvision classification model (torchvision.models.list_models) or timm/<name> (timm.list_models)
+    name: str = "resnet50"
+    pretrained: str | None = None   # local weights file (.pt/.pth or .safetensors); never downloaded
+    # none | backbone: only the classifier trains, on the fixed features of the pretrained backbone
+    freeze: Freeze = Freeze.none
     zero_init_residual: bool = True  # last BN gamma of each residual block = 0 (Goyal et al. 5.1)
     channels_last: bool = True
     compile: bool = False
@@ -169,6 +208,12 @@ class OptimConfig:
     accum_steps: int = 1            # micro-batches per optimizer step
     grad_clip: float | None = None  # max global grad norm; null: no clipping
     label_smoothing: float = 0.0
+    backbone_lr_scale: float = 1.0  # lr of everything but the classifier, as a fraction of the lr
+    # rare classes (trainer/imbalance.py), from the train split's class_counts in _info.json:
+    # loss weight per class: none | balanced (n / (C n_c), sklearn's) | sqrt (its square root)
+    class_weight: ClassWeight = ClassWeight.none
+    # logit adjustment (Menon et al. 2021): the loss sees logits + tau log(prior); 1.0 is the paper's
+    logit_adjust_tau: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.base_lr > 0, "optim.base_lr", "must be > 0")
@@ -179,6 +224,9 @@ class OptimConfig:
         require(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
         require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
         require(0 <= self.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
+        require(self.backbone_lr_scale > 0, "optim.backbone_lr_scale", "must be > 0; model.freeze=backbone "
+                "trains no backbone")
+        require(self.logit_adjust_tau >= 0, "optim.logit_adjust_tau", "must be >= 0 (0: off)")
 
 
 @dataclass
@@ -366,6 +414,13 @@ class TrainConfig:
         require(self.data.bootstrap_member is None and self.data.fraction >= 1, "loader.backend",
                 "dali reads every sample once per pass: bagging's bootstrap resample and data.fraction "
                 "need loader.backend=webdataset")
+        # DALI's pipeline has only its own random-resized-crop and horizontal flip (trainer/data/dali.py);
+        # torchvision-gpu runs the webdataset transforms, so it has the plankton geometry too
+        d = self.data
+        for name, asked in (("resize", d.resize != Resize.crop), ("vflip", d.vflip > 0), ("rot90", d.rot90)):
+            require(not asked, f"data.{name}", f"{name}={getattr(d, name)} is not available with "
+                    "loader.backend=dali (only random-resized-crop and horizontal flips): use "
+                    "loader.backend=webdataset or torchvision-gpu")
 
 
 def _check_writable_dir(path: str, key: str) -> None:

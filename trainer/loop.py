@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shards.keys import stable_hash
-from trainer import checkpoint, model, optim, resume, rng, schedule
+from trainer import checkpoint, imbalance, model, optim, resume, rng, schedule
 from trainer.config import TrainConfig
 from trainer.data import shardset
 from trainer.data import streams as data
@@ -100,19 +100,24 @@ class Trainer:
         accum, batch = cfg.optim.accum_steps, cfg.loader.batch_size
         self.aug = AugmentConfig(cfg.data.crop_size, tuple(cfg.data.scale), hflip=cfg.data.hflip,
                                  augment=cfg.data.augment, color_jitter=cfg.data.color_jitter,
-                                 eval_crop_ratio=cfg.data.eval_crop_ratio)
+                                 eval_crop_ratio=cfg.data.eval_crop_ratio, resize=cfg.data.resize,
+                                 background=cfg.data.background, upscale=cfg.data.upscale,
+                                 vflip=cfg.data.vflip, rot90=cfg.data.rot90)
         if cfg.loader.backend == "synthetic":
             n, self.classes = cfg.data.synthetic_samples, tuple(map(str, range(cfg.data.synthetic_classes)))
             self.steps_per_epoch = data.steps_per_epoch(self._epoch_samples(n), batch, env.world_size, accum)
             self.loader = data.SyntheticLoader(n, len(self.classes), batch, cfg.data.crop_size,
                                                self.steps_per_epoch * accum, cfg.trainer.seed, env.rank)
-            self.val_set = None
+            self.val_set, self.train_counts = None, None  # synthetic labels: no recorded class counts
             return
         train_set = shardset.load(cfg.data.shards, cfg.data.train_split)
         self.val_set = shardset.load(cfg.data.shards, cfg.data.val_split) if cfg.data.val_split else None
         shardset.check_across_ranks(train_set.shards + (self.val_set.shards if self.val_set else ()),
                                     cfg.data.check, self.env.rank, self.env.world_size)
         self.classes = train_set.classes
+        self.train_counts = train_set.class_counts  # the loss's weights and priors (trainer/imbalance.py)
+        if self.main:
+            self._warn_rare_classes()
         self.steps_per_epoch = data.steps_per_epoch(self._epoch_samples(train_set.num_samples), batch,
                                                     env.world_size, accum)
         stream_cfg = StreamConfig(batch, cfg.trainer.seed, cfg.data.shuffle_buffer,
@@ -133,6 +138,19 @@ class Trainer:
         workers, pin, prefetch = cfg.loader.workers, self._pin(), cfg.loader.prefetch
         self.loader = (GpuDecodeLoader(stream, workers, self.device, pin, prefetch) if gpu_decode
                        else data.ShardLoader(stream, workers, pin, prefetch))
+
+    def _warn_rare_classes(self) -> None:
+        """Once, at start: classes that validation never measures, and classes the loss settings weigh
+        0 for want of training samples, with their counts."""
+        o, val, warnings = self.cfg.optim, self.val_set, []
+        if val is not None and val.class_counts is not None:
+            warnings.append(imbalance.missing_validation_warning(self.classes, self.train_counts,
+                                                                 val.class_counts, val.split))
+        if self.train_counts is not None:
+            warnings.append(imbalance.unseen_warning(self.classes, self.train_counts, o.class_weight,
+                                                     o.logit_adjust_tau))
+        for warning in filter(None, warnings):
+            log.warning("%s", warning)
 
     def _dali_loader(self, train_set: shardset.ShardSet, batch: int, batches: int) -> DaliLoader:
         from trainer.data import dali  # optional: imported only when chosen
@@ -160,13 +178,18 @@ class Trainer:
         net = model.build(cfg.name, len(self.classes), cfg.pretrained, cfg.zero_init_residual)
         if cfg.sync_bn and self.env.world_size > 1:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        model.freeze(net, cfg.freeze)  # after the SyncBatchNorm swap, which would drop its eval hooks
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.net = net.to(self.device, memory_format=fmt)
         self.ddp = (DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.env.world_size > 1 else self.net)
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.normalize = Normalize(self.cfg.data.mean, self.cfg.data.std, cfg.channels_last).to(self.device)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.optim.label_smoothing)
+        o = self.cfg.optim
+        source = ("loader.backend=synthetic" if self.cfg.loader.backend == "synthetic"
+                  else f"data.shards={self.cfg.data.shards}")
+        self.criterion = imbalance.criterion(self.train_counts, o.class_weight, o.logit_adjust_tau,
+                                             o.label_smoothing, source).to(self.device)
         # each rank its own dropout/stochastic-depth stream from here on, reproducible from the seed
         torch.manual_seed(stable_hash("rank", self.cfg.trainer.seed, self.env.rank) & 0x7FFF_FFFF)
 
@@ -187,7 +210,7 @@ class Trainer:
                             "schedule.warmup_start_factor to warm up anyway",
                             s.warmup_epochs, self.global_batch, o.base_batch)
         self.optimizer = optim.build(self.net, o.name, self.lr, o.weight_decay, o.momentum, o.nesterov,
-                                     tuple(o.betas))
+                                     tuple(o.betas), o.backbone_lr_scale)
         milestones = [round(m * steps) for m in s.milestones] if s.kind == "step" else []
         try:
             self.scheduler = schedule.build_scheduler(self.optimizer, s.kind, self.total_steps, warmup, start,

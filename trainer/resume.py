@@ -28,6 +28,7 @@ FIXED, FREE = "fixed", "free"
 # key (or prefix) -> policy. Why FIXED: the column names what a changed value would change.
 POLICY: dict[str, str] = {
     "model": FIXED,                     # the network (also checked by TrainingState.check_resume)
+    "model.freeze": FIXED,              # which parameters train: the optimizer's groups and their state
     # the data each step sees, and how it is augmented and normalised
     "data": FIXED,
     # where the set lies, not what it holds: a job may copy its shards to node-local scratch and be
@@ -40,6 +41,10 @@ POLICY: dict[str, str] = {
     "loader.batch_size": FIXED,         # the batch: lr scaling, steps per epoch, BN statistics
     # the optimizer and the lr schedule's shape (scaled lr, warmup, decay)
     "optim": FIXED,
+    # the loss itself: per-class weights and the logit shift change every gradient (trainer/imbalance.py)
+    "optim.class_weight": FIXED,
+    "optim.logit_adjust_tau": FIXED,
+    "optim.backbone_lr_scale": FIXED,   # the backbone's lr: another param group layout and lr
     "schedule": FIXED,
     "trainer": FREE,                    # how long, how often, how the processes run
     "trainer.seed": FIXED,              # data order, augmentation and dropout streams

@@ -15,7 +15,9 @@ How it keeps the contract, and where it differs from the `webdataset` backend:
   (trainer seed, rank). The order is reproducible but not the webdataset backend's order.
 - Augmentation is the same recipe (`decoders.image_random_crop` with the same scale and ratio ranges,
   resize to the crop, horizontal flip with probability `data.hflip`); `data.augment` policies
-  (TrivialAugment, colour jitter) are not available in DALI and are refused at start.
+  (TrivialAugment, colour jitter) are not available in DALI and are refused at start, as is the
+  plankton geometry (`data.resize=letterbox`, `data.vflip`, `data.rot90`; the `torchvision-gpu`
+  backend has it).
 - A sample that does not decode stops the run with an error that says so; the `webdataset` backend
   skips and reports such samples. Shards built by `shards.build` are fully decoded at build time.
 - Resume continues with a fresh pipeline for the remaining batches of the epoch: the run resumes

@@ -44,6 +44,8 @@ class ShardSet:
     shards: tuple[Shard, ...]
     classes: tuple[str, ...]
     labelled: bool = True   # False: an unlabelled set (samples without .cls), for predict and features
+    # samples per class in `classes` order, from _info.json; None where the manifest has none (timm's layout)
+    class_counts: tuple[int, ...] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -58,10 +60,10 @@ def load(root: str | Path, split: str) -> ShardSet:
     """The shards of `split`; an absent or empty split is an error that lists the splits present."""
     root = Path(root).expanduser()
     info = read_info(root)
-    entries = info.split(split).shards
+    found = info.split(split)
     shards = tuple(Shard(root / s.filename, s.num_samples, s.bytes, s.sha256, s.index_sha256)
-                   for s in entries)
-    return ShardSet(root, split, shards, info.classes, info.split(split).labelled)
+                   for s in found.shards)
+    return ShardSet(root, split, shards, info.classes, found.labelled, found.class_counts)
 
 
 def check(shards: Sequence[Shard], mode: CheckMode) -> list[str]:

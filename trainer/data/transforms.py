@@ -26,6 +26,7 @@ from shards.images import to_rgb
 # members that may hold the image, in the order they are looked for (shards.build writes jpg/png/webp)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif")
 AUGMENTS = ("none", "trivialaugment", "colorjitter")
+RESIZES = ("crop", "letterbox")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # shards.build's default max_pixels (PIL's own bomb limit): nothing larger is stored, nothing larger decoded
@@ -53,6 +54,12 @@ class AugmentConfig:
     color_jitter: float = 0.4
     # eval: resize the short side to crop_size / eval_crop_ratio, then centre-crop (0.875 = 224/256)
     eval_crop_ratio: float = 0.875
+    # crop: the above | letterbox: the whole image, its longer side fitted to crop_size, padded square
+    resize: str = "crop"
+    background: int | Sequence[int] = 255  # letterbox padding: a grey level or (r, g, b)
+    upscale: bool = True    # letterbox: false leaves an image smaller than crop_size at its pixel size
+    vflip: float = 0.0
+    rot90: bool = False     # a uniformly drawn multiple of 90 degrees
 
 
 def decode(sample: dict, num_classes: int, labelled: bool = True) -> tuple[Tensor, int]:
@@ -154,10 +161,16 @@ def parse_label(raw: bytes | None, num_classes: int) -> int:
 
 
 def train_transform(cfg: AugmentConfig) -> Callable[[Tensor], Tensor]:
-    steps: list[nn.Module] = [v2.RandomResizedCrop(cfg.crop_size, scale=cfg.scale, ratio=cfg.ratio,
-                                                   antialias=True)]
+    """Random geometry, then the colour policy; every draw from torch's CPU generator, which
+    `streams.seeded` seeds per sample (what bitwise resume and the torchvision-gpu backend rely on)."""
+    steps: list[nn.Module] = [*_train_geometry(cfg)]
     if cfg.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip))
+    # after hflip, so that vflip=0 and rot90=false draw nothing and keep the older runs' stream
+    if cfg.vflip > 0:
+        steps.append(v2.RandomVerticalFlip(cfg.vflip))
+    if cfg.rot90:
+        steps.append(RandomRot90())
     if cfg.augment == "trivialaugment":
         steps.append(v2.TrivialAugmentWide())
     elif cfg.augment == "colorjitter":
@@ -168,9 +181,78 @@ def train_transform(cfg: AugmentConfig) -> Callable[[Tensor], Tensor]:
     return v2.Compose(steps)
 
 
+def _train_geometry(cfg: AugmentConfig) -> list[nn.Module]:
+    """crop: a random crop of the image's area (`scale`) and shape (`ratio`). letterbox: the whole image,
+    then a random square crop of `scale` of the letterboxed area (a zoom in, shape kept) resized back to
+    crop_size; scale=[1, 1] turns the zoom off."""
+    if _resize_mode(cfg) == "crop":
+        return [v2.RandomResizedCrop(cfg.crop_size, scale=cfg.scale, ratio=cfg.ratio, antialias=True)]
+    steps: list[nn.Module] = [Letterbox(cfg.crop_size, cfg.background, cfg.upscale)]
+    if tuple(cfg.scale) != (1.0, 1.0):
+        steps.append(v2.RandomResizedCrop(cfg.crop_size, scale=cfg.scale, ratio=(1.0, 1.0), antialias=True))
+    return steps
+
+
 def eval_transform(cfg: AugmentConfig) -> Callable[[Tensor], Tensor]:
+    if _resize_mode(cfg) == "letterbox":
+        return Letterbox(cfg.crop_size, cfg.background, cfg.upscale)
     resize = round(cfg.crop_size / cfg.eval_crop_ratio)
     return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(cfg.crop_size)])
+
+
+def _resize_mode(cfg: AugmentConfig) -> str:
+    if cfg.resize not in RESIZES:
+        raise ValueError(f"data.resize must be one of {RESIZES}, got {cfg.resize!r}")
+    return str(cfg.resize)
+
+
+def rgb(background: int | Sequence[int]) -> tuple[int, int, int]:
+    """A grey level or an [r, g, b] list as three uint8 channel values; `ValueError` names data.background."""
+    values = (background,) * 3 if isinstance(background, int) else tuple(background)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                   for v in values):
+        raise ValueError(f"data.background must be a grey level 0-255 or [r, g, b], got {background!r}")
+    return values  # type: ignore[return-value]
+
+
+def letterbox(image: Tensor, size: int, background: int | Sequence[int] = 255, upscale: bool = True
+              ) -> Tensor:
+    """uint8 [..., C, size, size]: the whole image centred on a square of `background`, its longer side
+    resized to `size`. With `upscale` false a smaller image keeps its pixel size (the organism's size
+    stays a cue); a larger one is still shrunk to fit. On the image's device (the torchvision-gpu path)."""
+    height, width = image.shape[-2:]
+    factor = size / max(height, width)
+    if not upscale:
+        factor = min(factor, 1.0)
+    # the longer side lands on `size` exactly; a 1:100 sliver keeps at least one pixel across
+    new_h, new_w = max(1, min(size, round(height * factor))), max(1, min(size, round(width * factor)))
+    if (new_h, new_w) != (height, width):
+        image = v2.functional.resize(image, [new_h, new_w], antialias=True)
+    fill = torch.tensor(rgb(background), dtype=image.dtype, device=image.device).view(3, 1, 1)
+    canvas = fill.expand(*image.shape[:-2], size, size).clone()
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[..., top:top + new_h, left:left + new_w] = image
+    return canvas
+
+
+class Letterbox(nn.Module):
+    """`letterbox` as a transform step (no random draw)."""
+
+    def __init__(self, size: int, background: int | Sequence[int] = 255, upscale: bool = True) -> None:
+        super().__init__()
+        self.size, self.background, self.upscale = size, rgb(background), upscale
+
+    def forward(self, image: Tensor) -> Tensor:
+        return letterbox(image, self.size, self.background, self.upscale)
+
+
+class RandomRot90(nn.Module):
+    """A rotation by k x 90 degrees, k uniform in {0, 1, 2, 3}: plankton has no up, and a right angle
+    moves pixels without resampling them. One draw from torch's generator, as the flips make."""
+
+    def forward(self, image: Tensor) -> Tensor:
+        k = int(torch.randint(4, ()).item())
+        return torch.rot90(image, k, dims=(-2, -1)).contiguous() if k else image
 
 
 class Normalize(nn.Module):

@@ -98,6 +98,9 @@ class EvaluateConfig(InferenceConfig):
     exclude_classes: list[str] = field(default_factory=list)  # true classes left out of the summary
     confused_pairs: int = 20        # most confused (true, predicted) pairs listed in the report
     plot_classes: int = 40          # confusion.png shows all classes up to this many, else the most confused
+    # rare / medium / common by each class's TRAINING count (the set's train split): rare < 20 <= medium
+    # < 100 <= common; report["frequency"], report.md and recall_vs_count.png
+    frequency_bins: list[int] = field(default_factory=lambda: [20, 100])
     plots: bool = True
     out: str | None = None          # default: the bag directory
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(mode=LoggerMode.disabled))
@@ -106,6 +109,9 @@ class EvaluateConfig(InferenceConfig):
         super().__post_init__()
         require(self.confused_pairs >= 0, "confused_pairs", "must be >= 0")
         require(self.plot_classes >= 2, "plot_classes", "must be >= 2")
+        bins = self.frequency_bins
+        require(len(bins) > 0 and bins[0] > 0 and all(a < b for a, b in zip(bins, bins[1:])),
+                "frequency_bins", f"must be one or more increasing training counts > 0, got {bins}")
         require(all(0 < p < 1 for p in self.precisions), "precisions",
                 f"must be in (0, 1), got {self.precisions}")
         check_shard_set(self.data.shards, "data.shards", [("data.split", self.data.split)], labelled=True)

@@ -22,7 +22,7 @@ import torch
 
 from trainer.data import shardset
 from trainer.data import streams as data
-from trainer.inference import acceptance
+from trainer.inference import acceptance, frequency
 from trainer.inference import plots as plots_mod
 from trainer.inference.config import EvaluateConfig
 from trainer.inference.confusion import Confusion
@@ -38,7 +38,8 @@ from trainer.tracking.tracker import Tracker, jsonable
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("top1", "top5", "mrr", "balanced_acc", "macro_top5", "nll", "ece", "n")
 FILES = {"json": "report.json", "md": "report.md", "csv": "per_class.csv", "confusion": "confusion.png",
-         "reliability": "reliability.png", "coverage": "precision_coverage.png"}
+         "reliability": "reliability.png", "coverage": "precision_coverage.png",
+         "recall": "recall_vs_count.png"}
 
 
 
@@ -93,6 +94,8 @@ def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -
     report["reliability"] = {"ensemble": ensemble.calibration.diagram(),
                              **{name: state.calibration.diagram() for name, state in metrics.items()}}
     report["per_class"] = per_class(report, confusion)
+    counts, source = frequency.training_counts(cfg.data.shards, members[0].config["data"]["train_split"])
+    report["frequency"] = frequency.section(report, counts, source, cfg.frequency_bins)
     report["most_confused"] = [{"true": split.classes[t], "predicted": split.classes[p], "count": n,
                                 "of_true": n / report["per_class"][t]["support"]}
                                for t, p, n in confusion.most_confused(cfg.confused_pairs)]
@@ -153,6 +156,7 @@ def markdown(report: dict, files: dict[str, Path] | None = None) -> str:
                   f"{target}), and the precision they reach on this split."]
     lines += calibration_markdown(report["calibration"])
     lines += acceptance.markdown(report["acceptance"])
+    lines += frequency.markdown(report["frequency"])
     if report["most_confused"]:
         lines += ["", "## Most confused pairs (ensemble)", "", "| true | predicted | count | of true class |",
                   "|---|---|---:|---:|"]
@@ -183,6 +187,8 @@ def write_report(report: dict, out: Path, plots: bool) -> dict[str, Path]:
     """Every report file into `out`; returns their paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
     files = {kind: out / name for kind, name in FILES.items() if plots or not name.endswith(".png")}
+    if "skipped" in report["frequency"]:  # no training counts to plot recall against
+        files.pop("recall", None)
     text = json.dumps(jsonable(report), indent=1, allow_nan=False)  # NaN (a class without samples) -> "nan"
     atomic_write(files["json"], text + "\n")
     atomic_write(files["md"], markdown(report, files))
@@ -202,6 +208,10 @@ def write_report(report: dict, out: Path, plots: bool) -> dict[str, Path]:
                   for m, c in section["curves"].items()}
         points = {m: (t["coverage"], t["precision"]) for m, t in section["thresholds"].items()}
         plots_mod.precision_coverage_png(files["coverage"], curves, points, section["precisions"], ENSEMBLE)
+        if "recall" in files:
+            by_count = report["frequency"]
+            plots_mod.recall_vs_count_png(files["recall"], by_count["train_counts"],
+                                          frequency.recalls(report), by_count["edges"], ENSEMBLE)
     return files
 
 

@@ -9,9 +9,9 @@ A checkpoint is a pickle (a zip of pickled containers, even when read with `weig
 carries optimizer and RNG state nobody needs for inference. An export is tensors and JSON only:
 `load_exported` reads the bytes once, checks them against the sha256 in the JSON, parses them with
 safetensors and rebuilds the architecture with `trainer.model.build`, so no unpickling code is reached.
-The JSON describes the input completely (resize, crop, interpolation, scale, mean/std, RGB), so the
-export can also be used without taxotrain; `preprocess(meta)` rebuilds it from taxotrain's own
-transforms, exactly as evaluation applies them.
+The JSON describes the input completely (resize or letterbox, crop, interpolation, scale, mean/std,
+RGB), so the export can also be used without taxotrain; `preprocess(meta)` rebuilds it from taxotrain's
+own transforms, exactly as evaluation applies them.
 
 Every file is written to a temporary name and renamed over the final one; the weights go first, then
 their JSON (which holds their sha256), then bag.json, so a reader never sees a JSON that names weights
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from trainer import model
 from trainer.checkpoint import Checkpointer
-from trainer.data.transforms import AugmentConfig, Normalize, eval_transform
+from trainer.data.transforms import AugmentConfig, Normalize, eval_transform, rgb
 from trainer.inference.calibration import BagCalibration
 from trainer.inference.members import member_dirs
 from trainer.inference.scoring import ENSEMBLE, calibration_path
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 FORMAT = "taxotrain-export/1"
 BAG_FORMAT = "taxotrain-export-bag/1"
 _PREFIXES = ("module.", "_orig_mod.")  # added by DDP / torch.compile; our checkpoints hold neither
-_PACKAGES = ("taxotrain", "torch", "torchvision", "safetensors")
+_PACKAGES = ("taxotrain", "torch", "torchvision", "timm", "safetensors")
 
 
 class ExportError(UsageError, ValueError):
@@ -172,10 +172,18 @@ def plain_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def input_meta(data: dict[str, Any]) -> dict[str, Any]:
     """How an image must be prepared, as `trainer.data.transforms.eval_transform` + `Normalize` do it."""
     crop, ratio = int(data["crop_size"]), float(data["eval_crop_ratio"])
+    if data.get("resize", "crop") == "letterbox":
+        # no "resize" (a size) here: a reader that expects the centre crop fails instead of cutting the image
+        geometry: dict[str, Any] = {"letterbox": {
+            "background": list(rgb(data.get("background", 255))), "upscale": bool(data.get("upscale", True)),
+            "how": "longer side to crop_size (never enlarged when upscale is false), centred on a "
+                   "crop_size square of background"}}
+    else:
+        geometry = {"resize": round(crop / ratio)}  # the shorter side, then a centre crop of crop_size
     return {
         "crop_size": crop,
         "eval_crop_ratio": ratio,
-        "resize": round(crop / ratio),  # the shorter side, then a centre crop of crop_size
+        **geometry,
         "interpolation": "bilinear",
         "antialias": True,
         "channel_order": "RGB",
@@ -285,5 +293,8 @@ def preprocess(meta: dict) -> tuple[Callable[[Tensor], Tensor], Normalize]:
     The same transforms as evaluation: `normalize(transform(images))` is what the model was trained to see.
     """
     spec = meta["input"]
-    aug = AugmentConfig(spec["crop_size"], eval_crop_ratio=spec["eval_crop_ratio"])
+    box = spec.get("letterbox")  # absent: the centre crop (every export before data.resize existed)
+    geometry = {} if box is None else {"resize": "letterbox", "background": tuple(box["background"]),
+                                       "upscale": box["upscale"]}
+    aug = AugmentConfig(spec["crop_size"], eval_crop_ratio=spec["eval_crop_ratio"], **geometry)
     return eval_transform(aug), Normalize(spec["mean"], spec["std"])

@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as F
 
 from trainer import model
 from trainer.checkpoint import Checkpointer
-from trainer.data.transforms import AugmentConfig, Normalize, eval_transform
+from trainer.data.transforms import AugmentConfig, Letterbox, Normalize, eval_transform, rgb
 from trainer.runtime.exits import ConfigError
 from trainer.state import TrainingState
 
@@ -102,26 +102,33 @@ def load_bag(bag: str | Path, subset: list[str], which: str, device: torch.devic
         if m.classes != members[0].classes:
             raise ConfigError(f"member {m.name} has other classes than {members[0].name}")
         if _view(m) != _view(members[0]):
-            raise ConfigError(f"member {m.name} sees {_view(m)} (crop, eval_crop_ratio), "
-                              f"{members[0].name} {_view(members[0])}: evaluate them separately")
+            raise ConfigError(f"member {m.name} sees {_view(m)} (crop, eval_crop_ratio, resize, background, "
+                              f"upscale), {members[0].name} {_view(members[0])}: evaluate them separately")
     return members
 
 
-def _view(m: Member) -> tuple[int, float]:
-    return m.config["data"]["crop_size"], m.config["data"]["eval_crop_ratio"]
+def _view(m: Member) -> tuple:
+    a = augment_config(m)
+    return a.crop_size, a.eval_crop_ratio, a.resize, rgb(a.background), a.upscale
 
 
 def augment_config(member: Member) -> AugmentConfig:
+    """How the member's training saw an evaluation image; a checkpoint from before data.resize existed
+    records none of the geometry keys, and was trained with their defaults (the centre crop)."""
     d = member.config["data"]
-    return AugmentConfig(d["crop_size"], eval_crop_ratio=d["eval_crop_ratio"])
+    return AugmentConfig(d["crop_size"], eval_crop_ratio=d["eval_crop_ratio"], resize=d.get("resize", "crop"),
+                         background=d.get("background", 255), upscale=d.get("upscale", True))
 
 
 def input_transform(aug: AugmentConfig, tta: str) -> Callable[[Tensor], Tensor]:
-    """Per image, on the loader workers: the centre crop, or for multi-crop the resized centre square."""
+    """Per image, on the loader workers: the centre crop (letterbox: the padded square), or for multi-crop
+    the larger square the views are cut from."""
     check_tta(tta)
     if tta in ("none", "hflip"):
         return eval_transform(aug)
     resize = round(aug.crop_size / aug.eval_crop_ratio)
+    if aug.resize == "letterbox":  # the whole image in the larger square, which the views then crop
+        return Letterbox(resize, aug.background, aug.upscale)
     return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(resize)])
 
 
@@ -175,8 +182,12 @@ def embeddings(member: Member, images: Tensor, tta: str) -> tuple[Tensor, Tensor
 
 
 def classifier(net: nn.Module) -> nn.Linear:
-    """The last Linear layer: its input is the penultimate embedding in every torchvision classifier."""
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    """The classifier (`trainer.model.classifier`): the last Linear layer of a torchvision model, timm's
+    `get_classifier()`; its input is the penultimate embedding (timm's `forward_head(pre_logits=True)`)."""
+    try:
+        head = model.classifier(net)[1]
+    except model.ModelError:
+        head = None
+    if not isinstance(head, nn.Linear):
         raise ConfigError(f"{type(net).__name__} has no Linear classifier to take embeddings from")
-    return linears[-1]
+    return head

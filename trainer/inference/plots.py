@@ -137,3 +137,29 @@ def precision_coverage_png(path: Path, curves: Mapping[str, tuple[np.ndarray, np
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     return save(fig, path)
+
+
+def recall_vs_count_png(path: Path, counts: Sequence[int], recalls: Mapping[str, Sequence[float]],
+                        edges: Sequence[int], highlight: str) -> Path:
+    """Per-class recall against the class's training count (log x), one point per class: the
+    `highlight` model (the ensemble) dark, the others as lighter points; dashed lines at the frequency
+    bins' edges. Classes without samples in the evaluated split have no recall and are left out; a class
+    without training samples is drawn at 0.5, left of every real count."""
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    x = np.maximum(np.asarray(counts, dtype=np.float64), 0.5)
+    for name, recall in sorted(recalls.items(), key=lambda item: item[0] == highlight):
+        y = np.asarray(recall, dtype=np.float64)
+        seen = np.isfinite(y)
+        style = ({"s": 22, "color": "black", "zorder": 3} if name == highlight else {"s": 12, "alpha": 0.35})
+        ax.scatter(x[seen], y[seen], label=name, **style)
+    for edge in edges:
+        ax.axvline(edge, linestyle="--", color="grey", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("training samples of the class (log scale)")
+    ax.set_ylabel("recall")
+    ax.set_title("Per-class recall against training count")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return save(fig, path)

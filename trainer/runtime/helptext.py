@@ -107,7 +107,7 @@ def rows(cls: type, value: object, prefix: str, groups: dict[str, str | None], i
         default = default_of(field) if value is None else getattr(value, field.name)
         if dataclasses.is_dataclass(kind):
             lines += rows(kind, default, f"{key}.", groups, indent)
-        elif kind is Any:
+        elif kind is Any and options(key):  # a group (source=csv); otherwise a free value (data.background)
             lines += any_rows(key, note, groups)
         else:
             lines.append(row(f"{key} = {shown(default)}", with_choices(kind, note), indent))

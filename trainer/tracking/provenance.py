@@ -55,7 +55,7 @@ MIN_SECRET_LEN = 6
 _ASSIGNMENT = re.compile(r"\b([A-Za-z_][\w.-]*)=(\"[^\"]*\"|'[^']*'|[^\s;&|'\",\]]+)")
 PACKAGES = (
     "torch", "torchvision", "webdataset", "hydra-core", "omegaconf", "wandb", "numpy",
-    "nvidia-dali-cuda130", "submitit", "taxotrain",
+    "nvidia-dali-cuda130", "submitit", "timm", "taxotrain",
 )
 EXTRA_ENV = ("CUDA_VISIBLE_DEVICES",)
 GIT_TIMEOUT_S = 10.0
