@@ -8,6 +8,7 @@ leaving them blocked in the next gradient all-reduce.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,16 @@ def listen_early(names: Iterable[str] = EARLY_SIGNALS) -> None:
 
     for name in names:
         signal.signal(signal.Signals[name], record)
+    atexit.register(_ignore_at_exit, tuple(names))
+
+
+def _ignore_at_exit(names: tuple[str, ...]) -> None:
+    """From the last atexit call on, these signals are ignored. Interpreter finalisation resets every
+    Python-handled signal to its default action (kill) but leaves an ignored one ignored: a SLURM
+    `--signal` that lands while torch and gloo shut down after the run's work (checkpoint included) is
+    done would otherwise kill the task, and turn a finished job into a FAILED one."""
+    for name in names:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
 
 
 class StopFlag:
