@@ -1,11 +1,15 @@
-"""What every benchmark prints: the machine it ran on, and its rows as a markdown table."""
+"""What every benchmark prints (its machine, its rows as a markdown table), and how it runs a tool."""
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def dali_version() -> str:
@@ -44,3 +48,9 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(names) + " |", "|" + "|".join(rule) + "|"]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def tool(*args: str) -> None:
+    """One taxotrain command, as a user types it; its output goes to this process's."""
+    print("+", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,16 +27,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, table  # noqa: E402
+from benchmarks.common import machine, table, tool  # noqa: E402
 from shards.keys import stable_hash  # noqa: E402
 
 SETTINGS = {"crop": [], "letterbox": ["data.resize=letterbox"]}
-
-
-def tool(*args: str) -> None:
-    """One taxotrain command, as a user types it; its output goes to this process's."""
-    print("+", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True)
 
 
 def stretched(pixels: np.ndarray, index: int, factor: int) -> Image.Image:

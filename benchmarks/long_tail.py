@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import tarfile
 import time
@@ -26,17 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, table  # noqa: E402
+from benchmarks.common import machine, table, tool  # noqa: E402
 
 DIGITS = Path("~/.cache/taxotrain/demo-mnist").expanduser()  # where source=demo writes the PNGs
 SETTINGS = {"none": [], "balanced": ["optim.class_weight=balanced"],
             "logit-adjust": ["optim.logit_adjust_tau={tau}"]}
-
-
-def tool(*args: str) -> None:
-    """One taxotrain command, as a user types it; its output goes to this process's."""
-    print("+", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True)
 
 
 def kept(k: int, head: int = 400, tail: int = 8, classes: int = 10) -> int:

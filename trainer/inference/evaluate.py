@@ -65,7 +65,8 @@ def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -
     metrics = {m.name: ProbabilityMetrics(num_classes, device) for m in members}
     ensemble = ProbabilityMetrics(num_classes, device)
     # before temperature scaling, when a calibration is applied (NLL and ECE, before and after)
-    raw = {name: ProbabilityMetrics(num_classes, device) for name in [*metrics, ENSEMBLE]}
+    raw = ({name: ProbabilityMetrics(num_classes, device) for name in [*metrics, ENSEMBLE]}
+           if scorer.calibrated else {})  # uncalibrated, they would repeat `metrics` and `ensemble`
     decisions = acceptance.Decisions([m.name for m in members])
     confusion = Confusion(num_classes)
     bad = 0
