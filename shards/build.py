@@ -7,12 +7,9 @@ reports. Exit codes: 0 done; 1 too many inputs quarantined or an incomplete arra
 from __future__ import annotations
 
 import logging
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-
-from tqdm import tqdm
 
 from shards import config
 from shards.config import ShardConfig
@@ -21,10 +18,11 @@ from shards.manifest import Tally, load_results, status_counts, status_summary, 
 from shards.plan import ShardPlan, make_plan
 from shards.sources import collect
 from shards.writer import PARTS, ShardResult, WriteOptions, index_name, write_shard
-from trainer.runtime import cli
+from trainer.runtime import cli, logfile
 from trainer.runtime.exits import RunFailure
 from trainer.runtime.files import TEMP_INFIX
 from trainer.runtime.lock import FolderLock
+from trainer.runtime.progress import Progress
 
 log = logging.getLogger("shards.build")
 
@@ -50,20 +48,27 @@ def _mine(plans: list[ShardPlan], cfg: ShardConfig) -> list[ShardPlan]:
     return [p for i, p in enumerate(plans) if i % cfg.task_count == cfg.task_index]
 
 
+def _progress(mine: list[ShardPlan], cfg: ShardConfig) -> Progress:
+    """Images of this task's shards, counted as each shard is done: a bar on a terminal, else a line
+    every `progress_every_s`; `progress=false`, or `progress_every_s=0` unless `progress=true`: nothing."""
+    what = "shards" if cfg.task_count == 1 else f"shards task {cfg.task_index}/{cfg.task_count}"
+    shown = cfg.progress is True or (cfg.progress is None and cfg.progress_every_s > 0)
+    return Progress(what, sum(len(p.items) for p in mine), every_s=cfg.progress_every_s, enabled=shown,
+                    bar=cfg.progress, logger=log)
+
+
 def _write(mine: list[ShardPlan], out: Path, opts: WriteOptions, cfg: ShardConfig) -> list[ShardResult]:
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    bar = tqdm(total=sum(len(p.items) for p in mine), unit="img", disable=not show)
     results = []
-    if cfg.workers == 1:
-        for p in mine:
-            results.append(write_shard(p, out, opts))
-            bar.update(len(p.items))
-    else:
-        with ProcessPoolExecutor(cfg.workers) as pool:
-            for p, res in zip(mine, pool.map(write_shard, mine, [out] * len(mine), [opts] * len(mine))):
-                results.append(res)
-                bar.update(len(p.items))
-    bar.close()
+    with _progress(mine, cfg) as seen:
+        if cfg.workers == 1:
+            for p in mine:
+                results.append(write_shard(p, out, opts))
+                seen.advance(len(p.items))
+        else:
+            with ProcessPoolExecutor(cfg.workers) as pool:
+                for p, res in zip(mine, pool.map(write_shard, mine, [out] * len(mine), [opts] * len(mine))):
+                    results.append(res)
+                    seen.advance(len(p.items))
     return results
 
 
@@ -102,11 +107,11 @@ def _build(cfg: ShardConfig, out: Path) -> dict | None:
     build_info = {"source": cfg.source.kind, "seed": cfg.seed, "split": asdict(cfg.split),
                   "resize": asdict(cfg.resize), "max_pixels": cfg.max_pixels, "class_map": col.class_map}
     info = write_manifest(col, results, t, statuses, out, build_info)
-    print("\n".join(filter(None, [summary(t), status_summary(statuses)])))
+    logfile.echo("\n".join(filter(None, [summary(t), status_summary(statuses)])))
     for name in col.empty_classes:
-        print(f"warning: class {name!r} has no images")
+        logfile.echo(f"warning: class {name!r} has no images")
     for line in _unmeasured(info):
-        print(line)
+        logfile.echo(line)
     _report(t, sum(len(s["filenames"]) for s in info["splits"].values()), out, cfg.max_bad_fraction)
     return info
 
@@ -132,8 +137,8 @@ def _report(t: Tally, shards: int, out: Path, max_bad_fraction: float) -> None:
     n, q, x = t.total_inputs, t.total_quarantined, t.total_excluded
     meant = n - x
     excluded = f" + {x} excluded" if x else ""
-    print(f"shards: {n} inputs = {meant - q} written + {q} quarantined{excluded} "
-          f"({100.0 * q / max(meant, 1):.2f}%) in {shards} shards -> {out}")
+    logfile.echo(f"shards: {n} inputs = {meant - q} written + {q} quarantined{excluded} "
+                 f"({100.0 * q / max(meant, 1):.2f}%) in {shards} shards -> {out}")
     if meant and q / meant > max_bad_fraction:
         raise TooManyBad(f"{q} of {meant} inputs to write quarantined ({q / meant:.1%}) > max_bad_fraction="
                          f"{max_bad_fraction}: see {out / 'quarantine.tsv'}")

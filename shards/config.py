@@ -156,7 +156,8 @@ class ShardConfig:
     task_index: int = 0
     task_count: int = 1
     stage: Stage = Stage.all
-    progress: bool | None = None  # None = when stderr is a terminal
+    progress: bool | None = None  # a bar; None = when stderr is a terminal, else timed lines; false: none
+    progress_every_s: float = 30.0  # seconds between progress lines (count, rate, ETA) without a bar; 0: none
 
     def __post_init__(self) -> None:
         require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
@@ -165,6 +166,8 @@ class ShardConfig:
         require(self.task_count >= 1, "task_count", "must be >= 1")
         require(0 <= self.task_index < self.task_count, "task_index",
                 f"must be in [0, task_count={self.task_count}), got {self.task_index}")
+        require(self.progress_every_s >= 0, "progress_every_s",
+                f"must be >= 0 (0: no progress lines), got {self.progress_every_s}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from shards.classes import class_name_problem, load_class_map, read_class_list, shown
@@ -87,10 +88,14 @@ def walk(folder: Path) -> list[Path]:
 
 
 def from_demo(cfg: DemoSource) -> Collection:
-    from shards.demo import write_demo_digits
+    from shards.demo import MEASURE_NAMES, read_measures, write_demo_digits
 
     root = write_demo_digits(Path(cfg.root).expanduser())
-    return from_imagefolder(ImageFolderSource(root=str(root), classes=cfg.classes, class_map=cfg.class_map))
+    found = from_imagefolder(ImageFolderSource(root=str(root), classes=cfg.classes, class_map=cfg.class_map))
+    measures = read_measures(root)  # the instrument-like native features of every digit
+    found.items = [replace(it, features=measures[it.rel]) for it in found.items]
+    found.feature_names = list(MEASURE_NAMES)
+    return found
 
 
 def collect(cfg: SourceConfig) -> Collection:

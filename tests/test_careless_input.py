@@ -71,8 +71,8 @@ def test_member_names_that_would_leave_the_bag_are_refused(bag, tmp_path, name):
     (forged / "bag.json").write_text(json.dumps(record))
     out = tmp_path / "sub" / "out"
     with pytest.raises(ConfigError, match="not a plain name"):
-        from launch.export import export
-        export(ExportConfig(bag=str(forged), out=str(out)))
+        from trainer.inference.export import run
+        run(ExportConfig(bag=str(forged), out=str(out)))
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "sub" / "x.safetensors").exists()
 
 

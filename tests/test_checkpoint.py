@@ -3,7 +3,9 @@ of a realistic training state (and bit-identical training after resume), retenti
 corruption fallback, and a real SIGKILL in the middle of a save."""
 from __future__ import annotations
 
+import errno
 import io
+import json
 import logging
 import os
 import random
@@ -460,3 +462,64 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path: Path)
         if any(map(step_temporary, left)):
             return
     pytest.fail("no attempt was killed in the middle of writing a checkpoint")
+
+
+# ---------------------------------------------------------------- lean best: a hard link, and the size report
+
+
+def names_bytes(directory: Path) -> int:
+    """The bytes of every name in `directory`, as if each were its own copy."""
+    return sum((directory / n).stat().st_size for n in os.listdir(directory))
+
+
+def test_best_is_a_hard_link_to_its_step_and_outlives_the_steps_pruning(tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path, keep_last=1)
+    ck.save(small_state(1), 1, metric=0.5)
+    best, step = tmp_path / "best.pt", tmp_path / "step-000000001.pt"
+    assert best.stat().st_ino == step.stat().st_ino and best.stat().st_nlink == 2
+    # the report counts the shared bytes once: what a byte copy used to cost is saved
+    assert ck.disk_usage() == (names_bytes(tmp_path) - best.stat().st_size, len(os.listdir(tmp_path)) - 1)
+    ck.save(small_state(2), 2, metric=0.4)  # worse: best stays at step 1, whose step file is pruned
+    assert not step.exists() and best.stat().st_nlink == 1
+    assert Checkpointer.load(best)["step"] == 1 and Checkpointer(tmp_path).best["step"] == 1
+    assert ck.disk_usage() == (names_bytes(tmp_path), len(os.listdir(tmp_path)))
+
+
+def test_where_hard_links_fail_best_is_a_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(src: Path, dst: Path, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "link", refuse)  # as on FAT or some FUSE and network filesystems
+    with caplog.at_level(logging.INFO, logger="trainer.checkpoint"):
+        Checkpointer(tmp_path).save(small_state(1), 1, metric=0.5)
+    best, step = tmp_path / "best.pt", tmp_path / "step-000000001.pt"
+    assert "writing a copy" in caplog.text and best.stat().st_ino != step.stat().st_ino
+    assert best.read_bytes() == step.read_bytes() and Checkpointer.load(best)["step"] == 1
+    assert not [n for n in os.listdir(tmp_path) if TEMP_INFIX in n]
+    assert Checkpointer(tmp_path).disk_usage()[0] == names_bytes(tmp_path)
+
+
+def test_a_finished_run_reports_its_checkpoints_size_in_the_log_and_summary(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from test_train import UNEVEN, config, train
+    from train_fixtures import write_shardset
+
+    shards = write_shardset(tmp_path / "shards", UNEVEN)
+    run_dir = tmp_path / "run"
+    cfg = config(shards, run_dir, "trainer.max_steps=4", "trainer.checkpoint_every=1", "trainer.keep_last=2",
+                 "loader.workers=0")
+    with caplog.at_level(logging.INFO, logger="trainer.loop"):
+        assert train(cfg) == 0
+    directory = run_dir / "checkpoints"
+    # validated once, at the last step: best.pt is that step's file under a second name
+    assert (directory / "best.pt").stat().st_ino == (directory / "step-000000004.pt").stat().st_ino
+    assert sorted(n for n in os.listdir(directory) if n.endswith(".pt")) == \
+        ["best.pt", "step-000000003.pt", "step-000000004.pt"]
+    size = names_bytes(directory) - (directory / "best.pt").stat().st_size
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["checkpoint_bytes"] == size
+    files = len(os.listdir(directory)) - 1  # best.pt is no file of its own
+    line = f"checkpoints: {size / 1e6:.1f} MB in {files} files in {directory} (trainer.keep_last=2"
+    assert line in caplog.text

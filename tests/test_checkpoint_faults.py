@@ -3,6 +3,7 @@
 bit-identical to an uninterrupted one."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -128,7 +129,18 @@ def fill(directory: Path, leave: int) -> Path:
 BIG = 100_000  # floats: a 400 kB checkpoint
 
 
-def test_enospc_during_best_update_names_the_path_and_keeps_the_old_best(tmp_path: Path) -> None:
+def no_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a filesystem without hard links (FAT, some FUSE mounts): best.pt is then a byte copy."""
+    def refuse(src: Path, dst: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "link", refuse)
+
+
+def test_enospc_during_best_update_names_the_path_and_keeps_the_old_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_hard_links(monkeypatch)  # a hard link needs no room: only a copy can meet a full disk
     with tmpfs(tmp_path / "fs", "4m") as fs:
         directory = fs / "ck"
         ck = Checkpointer(directory, keep_last=2)
@@ -148,6 +160,19 @@ def test_enospc_during_best_update_names_the_path_and_keeps_the_old_best(tmp_pat
         rerun = Checkpointer(directory, keep_last=2)
         rerun.save(state(3, BIG), 3, metric=METRICS[3])
         assert_settled_best(directory, 3)
+
+
+def test_best_update_is_a_hard_link_that_fits_where_a_copy_would_not(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "fs", "4m") as fs:
+        directory = fs / "ck"
+        ck = Checkpointer(directory, keep_last=2)
+        ck.save(state(1, BIG), 1, metric=METRICS[1])
+        size = (directory / "step-000000001.pt").stat().st_size
+        fill(directory, leave=size + 64 * 1024)  # room for step-2 and its marker, not a copy of it
+        ck.save(state(2, BIG), 2, metric=METRICS[2])
+        best, step = directory / "best.pt", directory / "step-000000002.pt"
+        assert best.stat().st_ino == step.stat().st_ino and temporaries(directory) == []
+        assert_settled_best(directory, 2)
 
 
 def test_enospc_during_a_step_checkpoint(tmp_path: Path) -> None:

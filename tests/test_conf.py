@@ -103,7 +103,7 @@ def test_a_missing_shard_set_is_named_before_anything_starts(tmp_path):
         load(tmp_path / "absent")
 
 
-@pytest.mark.parametrize(("override", "key"), [("+logger.group=bag1", "logger.group"),
+@pytest.mark.parametrize(("override", "key"), [("+logger.team=bag1", "logger.team"),
                                                 ("+optim.class_weights=balanced", "optim.class_weights"),
                                                 ("+bag.members=3", "bag")])  # train has no bag section
 def test_keys_appended_with_plus_are_refused_by_name(shards, override, key):
@@ -136,7 +136,7 @@ def cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(("module", "args", "named"), [
-    ("launch.train", ["+logger.group=bag1"], "logger.group"),
+    ("launch.train", ["+logger.team=bag1"], "logger.team"),
     ("launch.train", ["loader.backend=dali", "data.augment=trivialaugment"], "data.augment"),
     ("launch.bag", ["+optim.class_weights=balanced"], "optim.class_weights"),
     ("launch.train", ["loader.bakend=dali"], "bakend"),             # Hydra's own composition error

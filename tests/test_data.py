@@ -62,9 +62,11 @@ def test_deal_balances_and_uses_every_shard_once():
     assert max(totals) - min(totals) <= max(lengths)
 
 
-def test_fewer_shards_than_readers_is_an_error_that_says_what_to_do(uneven):
-    with pytest.raises(DataError, match=r"8 shards cannot feed 9 readers .*loader.workers"):
-        train_loader(uneven, rank=0, world=3, workers=3)
+def test_fewer_shards_than_readers_is_an_error_that_says_what_to_do(tmp_path):
+    # without index files: with them, readers share shards by sample ranges (test_sample_ranges.py)
+    unindexed = write_shardset(tmp_path / "s", {"train": UNEVEN["train"]}, index=False)
+    with pytest.raises(DataError, match=r"8 shards cannot feed 9 readers .*loader.workers.*index files"):
+        train_loader(unindexed, rank=0, world=3, workers=3)
 
 
 def test_quotas_differ_by_at_most_one_larger_first():

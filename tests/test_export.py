@@ -18,10 +18,16 @@ from safetensors import safe_open
 from test_bag import bag_config
 from train_fixtures import CLASSES, write_shardset
 
-from launch.export import export as run
 from trainer.data.transforms import eval_transform
 from trainer.inference.config import ExportConfig
-from trainer.inference.export import ExportError, export_bag, load_exported, load_exported_bag, preprocess
+from trainer.inference.export import (
+    ExportError,
+    export_bag,
+    load_exported,
+    load_exported_bag,
+    preprocess,
+    run,
+)
 from trainer.inference.members import augment_config, load_member
 from trainer.jobs.bag import train_bag
 from trainer.runtime.cli import typed

@@ -2,7 +2,7 @@
 
 From the bottom: `trainer.runtime` (process environment, signals, files, exits, the CLI) <- `shards`
 <- `trainer.data`, `trainer.tracking` <- the training lifecycle at `trainer/`'s top <- `trainer.inference`
-<- `trainer.jobs` <- `launch` (thin entry points, which never import each other).
+<- `trainer.jobs`, `trainer.heads` <- `launch` (thin entry points, which never import each other).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("trainer", "shards", "launch")
 RANK = {"trainer.runtime": 0, "shards": 1, "trainer.data": 2, "trainer.tracking": 2, "trainer": 3,
-        "trainer.inference": 4, "trainer.jobs": 5, "launch": 6}
+        "trainer.inference": 4, "trainer.jobs": 5, "trainer.heads": 5, "launch": 6}
 
 
 def room(module: str) -> str:

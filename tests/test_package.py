@@ -66,6 +66,7 @@ def test_the_wheel_not_the_checkout_is_imported(venv, tmp_path):
     ("taxotrain-train", "loader.batch_size = 64"), ("taxotrain-evaluate", "exclude_classes = []"),
     ("taxotrain-bag", "bag.members = 2"), ("taxotrain-curve", "curve.fractions = [0.1, 0.25, 0.5, 1.0]"),
     ("taxotrain-predict", "top_k = 5"), ("taxotrain-features", "pca = 0"), ("taxotrain-export", "out = null"),
+    ("taxotrain-head", "head.trees = 300"),
 ])
 def test_every_tool_answers_help_from_any_directory(venv, tmp_path, tool, says):
     assert says in run(venv / "bin" / tool, "--help", cwd=tmp_path)

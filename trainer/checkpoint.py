@@ -3,8 +3,8 @@
 Layout of `directory` (one writer per directory: the main rank of one job):
     step-000001000.pt    torch.save of the whole training state
     step-000001000.done  its marker, JSON {step, bytes, sha256, time}: what the .pt holds when whole
-    best.pt / best.done  copy of the state that scored the best metric; its marker adds
-                         {metric, higher_is_better}
+    best.pt / best.done  the state that scored the best metric: a hard link to that step's .pt (a copy
+                         where the filesystem has no hard links); its marker adds {metric, higher_is_better}
     best.json            {step, metric, higher_is_better, bytes, sha256}: a readable copy of best.done's
                          record, and a second witness when the marker is lost
 
@@ -18,6 +18,14 @@ for both contents while the .pt is swapped, so there is no moment (kill, ENOSPC)
 old nor the new best loads. A Checkpointer on the main rank settles a two-entry or lost best marker when
 it can prove which whole file best.pt is (its sha256 matches the marker, best.json or a step marker) and
 rewrites marker and best.json; `load` accepts the same proof read-only.
+
+best.pt is a second name for the step checkpoint's file (`os.link` to a temporary, then the same rename
+as any write), not a second copy: while the step file is kept it costs no space, and after pruning its
+bytes live on under best.pt alone. Every step file is written to a new inode and never modified in place,
+so the two names cannot diverge through taxotrain; byte for byte best.pt is what a copy would be, and all
+the marker logic above holds unchanged. Whoever edits one name in place (`cp x best.pt` truncates and
+rewrites the shared file) changes both: the sha256 check then refuses both, and resume walks back. A
+filesystem that refuses the link (EPERM, EMLINK, ENOTSUP, ...) gets a byte copy, as before.
 
 `latest()` only checks that the marker exists and the size agrees (cheap: no read of the data);
 `load()` checks the sha256 as well, and `load_latest()` walks back past corrupt checkpoints with a warning.
@@ -160,7 +168,7 @@ def _best_of(record: Any) -> dict[str, Any] | None:
 
 def _witnesses(pt: Path) -> Iterator[dict[str, Any]]:
     """Entries that may vouch for the bytes of `pt`: its marker's, and for best.pt also best.json's and
-    those of every step marker (best.pt is a byte copy of the step checkpoint it was saved with)."""
+    those of every step marker (best.pt holds the bytes of the step checkpoint it was saved with)."""
     try:
         yield from _entries(_read_marker(pt))
     except CheckpointError:
@@ -203,12 +211,28 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _link(source: Path, tmp: Path, size: int) -> bool:
+    """Whether `tmp` is now a hard link to `source`, a regular file of `size` bytes; False leaves no `tmp`."""
+    try:
+        os.link(source, tmp)
+    except OSError as e:  # EXDEV, EPERM (FAT, some FUSE and network mounts), EMLINK, ENOTSUP, ENOSPC, ...
+        log.info("cannot hard-link %s (%s): writing a copy", source, e)
+        return False
+    st = os.lstat(tmp)
+    if stat.S_ISREG(st.st_mode) and st.st_size == size:
+        return True
+    tmp.unlink()  # `source` changed under us: the caller's bytes are the truth
+    return False
+
+
 def _write_marked(pt: Path, data: memoryview, sha256: str, record: dict[str, Any],
-                  between: dict[Path, bytes] | None = None) -> None:
+                  between: dict[Path, bytes] | None = None, same_as: Path | None = None) -> None:
     """Write `pt`, then `between`, then its marker {**record, bytes, sha256, time} (module docstring).
 
     If the marker already vouches for the bytes at `pt`, it first vouches for the old and the new bytes,
-    so that `pt` stays loadable while it is swapped and after a failed or killed write."""
+    so that `pt` stays loadable while it is swapped and after a failed or killed write. `same_as`, a file
+    that holds exactly `data`, is hard-linked instead of writing the bytes again where the filesystem
+    allows."""
     marker = _marker_path(pt)
     new = {**record, "bytes": len(data), "sha256": sha256, "time": _now()}
     old = _current_entry(pt)
@@ -223,8 +247,10 @@ def _write_marked(pt: Path, data: memoryview, sha256: str, record: dict[str, Any
             raise write_error(marker, e) from e
     elif old["sha256"] != sha256:
         atomic_write(marker, json.dumps({**new, "previous": old}))
-    with atomic_path(pt) as tmp, open(tmp, "xb") as fh:
-        fh.write(data)  # not atomic_write: the caller hashed these bytes once for all their copies
+    with atomic_path(pt) as tmp:
+        if same_as is None or not _link(same_as, tmp, len(data)):
+            with open(tmp, "xb") as fh:
+                fh.write(data)  # not atomic_write: the caller hashed these bytes once for all their copies
     for path, content in (between or {}).items():
         atomic_write(path, content)
     atomic_write(marker, json.dumps(new))
@@ -368,12 +394,14 @@ class Checkpointer:
     def _save_best(
         self, data: memoryview, sha256: str, step: int, metric: float, higher_is_better: bool
     ) -> None:
+        """best.pt := the step checkpoint just written (a hard link to it), with best.json and marker."""
         best = {"step": step, "metric": metric, "higher_is_better": higher_is_better}
         described = {**best, "bytes": len(data), "sha256": sha256}
         # best.json goes between data and marker; the marker entries carry the metric too, so whichever
         # of the old and new best.pt a kill or a full disk leaves, its record can be restored.
         _write_marked(self.directory / f"{_BEST}.pt", data, sha256, best,
-                      between={self.directory / f"{_BEST}.json": json.dumps(described).encode()})
+                      between={self.directory / f"{_BEST}.json": json.dumps(described).encode()},
+                      same_as=self._step_path(step))
         self._best = best
 
     # ------------------------------------------------------------------ saving
@@ -443,6 +471,23 @@ class Checkpointer:
             if _TEMP_FILE.match(name):
                 log.info("removing stale temporary %s", name)
                 self._unlink(self.directory / name)
+
+    def disk_usage(self) -> tuple[int, int]:
+        """(bytes, files) of the directory's regular files, each file's bytes counted once however many
+        names it has (best.pt and its step checkpoint), as `du -sb` counts them."""
+        seen: dict[tuple[int, int], int] = {}
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return 0, 0
+        for name in names:
+            try:
+                st = os.lstat(self.directory / name)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                seen[(st.st_dev, st.st_ino)] = st.st_size
+        return sum(seen.values()), len(seen)
 
     # ------------------------------------------------------------------ loading
 

@@ -280,11 +280,41 @@ class TrainerConfig:
                     f"{name} cannot be caught; use SIGUSR1, SIGUSR2, SIGTERM, SIGINT or SIGHUP")
 
 
+# W&B rejects these in a project or entity name, and tags or group names beyond these lengths
+_WANDB_NAME_CHARS = set("/\\#?%:")
+MAX_TAG_LEN, MAX_GROUP_LEN = 64, 128
+
+
 @dataclass
 class LoggerConfig:
+    """W&B on rank 0 (metrics.jsonl is written whatever the mode); the API key comes from WANDB_API_KEY or
+    ~/.netrc, never from here. Every null below is filled by the tool so that a bag is one W&B group
+    (docs/WANDB.md); entity and project usually live in conf/local/default.yaml."""
+
     mode: LoggerMode = LoggerMode.offline  # offline (compute nodes: `wandb sync` later) | online | disabled
-    project: str = "taxotrain"
-    name: str | None = None
+    project: str | None = None      # null: taxotrain (evaluate: the bag's)
+    entity: str | None = None       # W&B team or user; null: the key's default (evaluate: the bag's)
+    group: str | None = None        # null: the bag's folder name (a lone run: its run_dir's name)
+    name: str | None = None         # null: <bag>/member-XX for a bag's members, else the run_dir's name
+    job_type: str | None = None     # null: the tool's own (train, evaluate, export)
+    tags: list[str] = field(default_factory=list)  # added to the automatic ones: experiment preset, model
+    # per-class recall at each validation: one W&B scalar val/recall/<class> each (charts across steps
+    # and members) up to this many classes; above, one table per validation (W&B's UI slows down with
+    # thousands of keys). metrics.jsonl keeps the full list either way.
+    class_scalars: int = 100
+
+    def __post_init__(self) -> None:
+        for key in ("project", "entity"):
+            value = getattr(self, key)
+            require(value is None or (value.strip() != "" and not _WANDB_NAME_CHARS & set(value)),
+                    f"logger.{key}", f"must be null or a W&B name without / \\ # ? % :, got {value!r}")
+        require(self.group is None or 0 < len(self.group) <= MAX_GROUP_LEN, "logger.group",
+                f"must be null or 1-{MAX_GROUP_LEN} characters")
+        require(self.job_type is None or 0 < len(self.job_type) <= MAX_TAG_LEN, "logger.job_type",
+                f"must be null or 1-{MAX_TAG_LEN} characters")
+        bad = [t for t in self.tags if not 0 < len(t) <= MAX_TAG_LEN]
+        require(not bad, "logger.tags", f"each tag must have 1-{MAX_TAG_LEN} characters, got {bad}")
+        require(self.class_scalars >= 0, "logger.class_scalars", f"must be >= 0, got {self.class_scalars}")
 
 
 @dataclass

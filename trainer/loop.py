@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,13 +33,13 @@ from trainer.data.gpu_decode import GpuDecodeLoader, RawStream
 from trainer.data.streams import Batch, DataError, EpochPosition, StreamConfig
 from trainer.data.transforms import AugmentConfig, Normalize, eval_transform, train_transform
 from trainer.metrics import MetricState
-from trainer.runtime import distributed, lock
+from trainer.runtime import distributed, lock, logfile
 from trainer.runtime.choices import plain
 from trainer.runtime.distributed import DistEnv
 from trainer.runtime.exits import EXIT_PREEMPTED, ConfigError
 from trainer.runtime.signals import Status, StopFlag, agree
 from trainer.state import TrainingState
-from trainer.tracking import provenance
+from trainer.tracking import identity, provenance
 from trainer.tracking.tracker import Tracker
 
 if TYPE_CHECKING:
@@ -76,6 +75,9 @@ class Trainer:
         # one writer per run_dir, taken before anything writes there: the Checkpointer below removes
         # stale temporaries, which are another live run's in-flight saves unless we hold this lock
         self.run_lock = lock.on_main(self.run_dir, "train", self.env)
+        # train.log: everything the console shows, timestamped; here so torchrun, srun, Submitit jobs,
+        # requeues and in-process bag members all get one
+        logfile.attach(self.run_dir, "train", self.main)
         self._seed(cfg.trainer.seed)
         self._build_data()
         self._build_model()
@@ -112,8 +114,10 @@ class Trainer:
             return
         train_set = shardset.load(cfg.data.shards, cfg.data.train_split)
         self.val_set = shardset.load(cfg.data.shards, cfg.data.val_split) if cfg.data.val_split else None
+        # stamps in run_dir: a requeue or resume stats the shards instead of hashing them again
         shardset.check_across_ranks(train_set.shards + (self.val_set.shards if self.val_set else ()),
-                                    cfg.data.check, self.env.rank, self.env.world_size)
+                                    cfg.data.check, self.env.rank, self.env.world_size,
+                                    self.run_dir / shardset.STAMP_FILE)
         self.classes = train_set.classes
         self.train_counts = train_set.class_counts  # the loss's weights and priors (trainer/imbalance.py)
         if self.main:
@@ -268,9 +272,11 @@ class Trainer:
         config = self.config_dict
         if self.main:
             provenance.write(self.run_dir, config, world_size=self.env.world_size, rank=self.env.rank)
-        self.tracker = Tracker(self.run_dir, is_main=self.main, mode=str(self.cfg.logger.mode),
-                               project=self.cfg.logger.project, name=self.cfg.logger.name,
-                               config={**config, "recipe": self.recipe}, run_id=wandb_id)
+        logger = self.cfg.logger
+        who = identity.training(logger, self.run_dir, self.cfg.model.name)  # a bag's group, readable names
+        self.tracker = Tracker(self.run_dir, is_main=self.main, mode=str(logger.mode),
+                               config={**config, "recipe": self.recipe}, run_id=wandb_id,
+                               class_scalars=logger.class_scalars, **who.kwargs())
         if self.main:
             log.info("recipe: %s", ", ".join(f"{k}={v}" for k, v in self.recipe.items()))
             job = distributed.slurm_job()
@@ -291,7 +297,8 @@ class Trainer:
                          self.stop.received or "trainer.stop_at_step", EXIT_PREEMPTED)
                 return EXIT_PREEMPTED
             self._end_epoch()
-        self.tracker.summary({"step": self.step, **{f"recipe/{k}": v for k, v in self.recipe.items()}})
+        self.tracker.summary({"step": self.step, **self._checkpoint_usage(),
+                              **{f"recipe/{k}": v for k, v in self.recipe.items()}})
         return 0
 
     def _train_epoch(self) -> Status:
@@ -375,10 +382,8 @@ class Trainer:
         text = (f"epoch {self.epoch} loss {record['loss']:.4f} top1 {record['top1']:.4f} "
                 f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s "
                 f"data-wait {100 * record['data_wait']:.0f}%")
-        if sys.stderr.isatty():  # a bar on a terminal; plain lines in batch jobs, where a bar is noise
-            self.tracker.progress(self.step, self.total_steps, text)
-        elif self.main:
-            log.info("step %d/%d %s", self.step, self.total_steps, text)
+        # a bar on a terminal; in a batch job a line each log_every steps, with the rate and the ETA
+        self.tracker.progress(self.step, self.total_steps, text, every_s=0)
 
     def _report_bad(self) -> None:
         """Unusable samples of the epoch: counted on every rank, listed by rank 0 in bad_samples.tsv.
@@ -431,6 +436,7 @@ class Trainer:
         result = state.compute()
         result.update(split="val", epoch=self.epoch, bad_samples=int(counts.item()))
         self.tracker.log(result, self.step)
+        self.tracker.per_class("val/recall", self.classes, result["per_class_recall"], self.step)
         if self.main:
             log.info("val epoch %d: top1 %.4f top5 %.4f mrr %.4f balanced %.4f loss %.4f (%d samples)",
                      self.epoch, result["top1"], result["top5"], result["mrr"], result["balanced_acc"],
@@ -465,6 +471,16 @@ class Trainer:
         )
         self.checkpoints.save(state.to_dict(), self.step, metric=metric)
         distributed.barrier()  # nobody exits (or is killed) before rank 0 has the file on disk
+
+    def _checkpoint_usage(self) -> dict:
+        """The disk use of run_dir/checkpoints at the end of the run: one log line, and the summary's key."""
+        if not self.main:
+            return {}
+        size, files = self.checkpoints.disk_usage()
+        log.info("checkpoints: %.1f MB in %d files in %s (trainer.keep_last=%d; best.pt shares the bytes "
+                 "of its step checkpoint while that is kept)", size / 1e6, files, self.checkpoints.directory,
+                 self.cfg.trainer.keep_last)
+        return {"checkpoint_bytes": size}
 
     def close(self, exit_code: int = 0) -> None:
         if self.tracker is not None:

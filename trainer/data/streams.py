@@ -7,11 +7,15 @@ that many (train) `Batch`es of uint8 images [B, 3, H, W] and int64 labels.
 How equal steps are guaranteed whatever the shard sizes (the top WebDataset complaint is DDP hanging
 at epoch end because ranks got different numbers of batches):
 - An epoch is `batches_per_epoch = floor(N / (B * world * accum)) * accum` batches per rank.
-- The shard order is a permutation drawn from (seed, epoch), the same on every rank and after a
-  resume. Shards are dealt to the `world x workers` slots greedily (next shard to the slot with the
-  fewest samples), so slot sizes differ by at most one shard.
+- What readers are dealt are pieces: whole shards when there are at least as many shards as the
+  `world x workers` slots; with fewer, and an index file for every shard, near-equal ranges of each
+  shard's samples (`pieces`; read at the index's offsets), so any number of shards feeds any number of
+  readers. Without index files, fewer shards than slots is an error at start.
+- The piece order is a permutation drawn from (seed, epoch), the same on every rank and after a
+  resume. Pieces are dealt to the slots greedily (next piece to the slot with the fewest samples), so
+  slot sizes differ by at most one piece.
 - Each slot has a quota of whole batches (the rank's batches split over its workers). A slot streams
-  its shards through a shuffle buffer until the quota is met, starting over on its shards if they run
+  its pieces through a shuffle buffer until the quota is met, starting over on its pieces if they run
   out (a few repeats) and leaving the rest for later epochs if they hold more.
 - DataLoader hands out batches round-robin over workers; quotas that differ by at most one keep that
   order exact, which is what makes the position resumable.
@@ -24,11 +28,12 @@ Augmentation is seeded per sample from (seed, epoch, rank, worker, position), so
 after a resume, and differs across ranks and workers.
 
 A sample that cannot be decoded is replaced by the next one (the batch stays full), and is reported
-in `Batch.bad` each time it is read (a slot that starts over on its shards reads it again); a shard
-whose bad samples, each (shard, key) counted once, exceed `max_bad_fraction` of its length stops the
-run with the shard named. Nothing sleeps per bad sample. A `.json` member that does not decode is bad
-metadata, not a bad sample: evaluation uses the image with empty metadata and reports it apart
-(`Batch.bad_meta` and a warning with the count).
+in `Batch.bad` each time it is read (a slot that starts over on its pieces reads it again); a shard
+whose bad samples, each (shard, key) counted once, exceed `max_bad_fraction` of the samples a reader
+takes from it (the whole shard, or that reader's pieces of it) stops the run with the shard named.
+Nothing sleeps per bad sample. A `.json` member that does not decode is bad metadata, not a bad
+sample: evaluation uses the image with empty metadata and reports it apart (`Batch.bad_meta` and a
+warning with the count).
 """
 from __future__ import annotations
 
@@ -114,6 +119,27 @@ class StreamConfig:
     fraction_seed: int = 0
 
 
+class Piece(NamedTuple):
+    """Samples [first, end) of a shard in index order: what one reader is dealt (usually all of it)."""
+
+    shard: Shard
+    first: int
+    end: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.end - self.first
+
+    @property
+    def whole(self) -> bool:
+        return self.first == 0 and self.end == self.shard.num_samples
+
+    @property
+    def label(self) -> str:
+        """The shard's name, with the range when it is a part (`train-000000.tar[0:3]`)."""
+        return self.shard.name if self.whole else f"{self.shard.name}[{self.first}:{self.end}]"
+
+
 # ---------------------------------------------------------------- planning (pure, tested directly)
 
 
@@ -127,18 +153,21 @@ def steps_per_epoch(num_samples: int, batch_size: int, world: int, accum: int) -
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """The epoch's shard permutation: a function of (seed, epoch) only, so every rank agrees."""
+    """The epoch's permutation of the pieces (`pieces`): a function of (seed, epoch) only, so every rank
+    agrees."""
     rng = np.random.default_rng([seed, epoch, 0x5A4D])
     return rng.permutation(num_shards).tolist()
 
 
 def deal(lengths: Sequence[int], order: Sequence[int], slots: int,
          every_slot: bool = True) -> list[list[int]]:
-    """Shards (indices into `lengths`) per slot: each next shard goes to the slot with fewest samples."""
+    """Pieces (indices into `lengths`) per slot: each next one goes to the slot with fewest samples."""
     if every_slot and len(lengths) < slots:
         raise DataError(f"{len(lengths)} shards cannot feed {slots} readers (ranks x loader.workers): "
-                        "every reader needs at least one shard; use fewer loader.workers or more, smaller "
-                        "shards (shards.build shard.maxcount)")
+                        "without an index file (.idx) beside every shard each reader needs a shard of its "
+                        "own; use fewer loader.workers, more, smaller shards (shards.build shard.maxcount), "
+                        "or shards with index files (shards.build writes them; DALI's wds2idx makes them "
+                        "for other tars), which readers share by sample ranges")
     dealt: list[list[int]] = [[] for _ in range(slots)]
     totals = [0] * slots
     for index in order:
@@ -146,6 +175,31 @@ def deal(lengths: Sequence[int], order: Sequence[int], slots: int,
         dealt[slot].append(index)
         totals[slot] += lengths[index]
     return dealt
+
+
+def pieces(shards: Sequence[Shard], slots: int) -> list[Piece]:
+    """What the `slots` readers are dealt: every shard whole when there are at least `slots` shards or
+    one has no index file; otherwise each shard of n of the N samples cut into ceil(n x slots / N)
+    (at most n) near-equal ranges of its index lines, which makes at least `slots` pieces of about
+    N / slots samples once N >= slots. Whole shards wherever they suffice: big sets read (and resume)
+    as before. Index files count where the manifest records them (then the same on every node, and a
+    missing one fails the read by name) or where they are present; so the cut is a function of the
+    set and `slots`, the same on every rank and after a resume."""
+    whole = [Piece(s, 0, s.num_samples) for s in shards]
+    total = sum(s.num_samples for s in shards)
+    if len(shards) >= slots or total == 0 or not all(map(_has_index, shards)):
+        return whole
+    cut: list[Piece] = []
+    for shard in shards:
+        n = shard.num_samples
+        k = min(n, -(-n * slots // total))
+        bounds = [n * j // k for j in range(k + 1)] if k else []
+        cut += [Piece(shard, a, b) for a, b in zip(bounds, bounds[1:])]
+    return cut
+
+
+def _has_index(shard: Shard) -> bool:
+    return shard.index_sha256 is not None or index_path(shard.path).is_file()
 
 
 def quotas(batches: int, workers: int) -> list[int]:
@@ -187,10 +241,23 @@ def read_shard(shard: Shard) -> Iterator[dict]:
 
     With the index file `shards.build` writes beside the shard, members are read at their offsets;
     without one, the tar is scanned with webdataset's reader."""
+    return read_piece(Piece(shard, 0, shard.num_samples))
+
+
+def read_piece(piece: Piece) -> Iterator[dict]:
+    """Raw samples of a piece: the whole shard as `read_shard` says, or index lines [first, end) read at
+    their offsets (a range needs the index; the index must list the manifest's sample count)."""
+    shard = piece.shard
     index = index_path(shard.path)
+    if not piece.whole and not index.is_file():
+        raise DataError(f"{index}: missing; reading samples {piece.first}-{piece.end} of {shard.name} "
+                        "needs the shard's index file (shards.build writes it)")
     count = 0
     try:
-        samples = _indexed(shard, index) if index.is_file() else _scanned(shard)
+        if not index.is_file():
+            samples = _scanned(shard)
+        else:  # a whole shard reads every line, so that the count check below sees extra ones too
+            samples = _indexed(shard, index, piece.first, None if piece.whole else piece.end)
         for sample in samples:
             sample["__shard__"] = shard.name
             count += 1
@@ -200,8 +267,10 @@ def read_shard(shard: Shard) -> Iterator[dict]:
     except Exception as err:  # OSError, tarfile.TarError, webdataset's grouping errors: all name the shard
         raise DataError(f"{shard.path}: unreadable shard: {err}") from err
     # a tar cut at a member boundary reads without error: only the manifest's count reveals it
-    if count != shard.num_samples:
-        raise DataError(f"{shard.path}: read {count} samples, the manifest says {shard.num_samples} "
+    if count != piece.num_samples:
+        wanted = (f"the manifest says {shard.num_samples}" if piece.whole
+                  else f"expected samples {piece.first}-{piece.end}")
+        raise DataError(f"{shard.path}: read {count} samples, {wanted} "
                         "(truncated or rewritten shard; check it with python -m shards.verify)")
 
 
@@ -210,17 +279,23 @@ def _scanned(shard: Shard) -> Iterator[dict]:
         yield from group_by_keys({**m, "__url__": str(shard.path)} for m in tar_file_iterator(fh))
 
 
-def _indexed(shard: Shard, index: Path) -> Iterator[dict]:
-    """Samples from the members at the offsets in the shard's DALI index. Python's `tarfile` spends
-    ~70 us parsing each member header, 10% of a worker's time per image; here each header is only
-    checked to name the member the index expects, so a stale index fails loudly instead of feeding
-    wrong bytes."""
+def _indexed(shard: Shard, index: Path, first: int = 0, end: int | None = None) -> Iterator[dict]:
+    """Samples [first, end) (None: to the last line) from the members at the offsets in the shard's DALI
+    index. Python's `tarfile` spends ~70 us parsing each member header, 10% of a worker's time per
+    image; here each header is only checked to name the member the index expects, so a stale index
+    fails loudly instead of feeding wrong bytes."""
     try:
         _, samples = read_index(index)
     except ValueError as err:
         raise DataError(str(err)) from err
+    if end is not None and len(samples) != shard.num_samples:
+        # a range cannot count what the whole shard gives: the index's length stands in for it
+        raise DataError(f"{index}: lists {len(samples)} samples, the manifest says {shard.num_samples} "
+                        f"for {shard.name} (stale index or rewritten shard; check it with python -m "
+                        "shards.verify)")
     with open(shard.path, "rb") as fh:
-        for number, members in enumerate(samples, start=2):  # line 1 holds the version and count
+        # line 1 holds the version and count
+        for number, members in enumerate(samples[first:end], start=first + 2):
             sample: dict = {"__url__": str(shard.path)}
             for ext, offset, size, name in members:
                 fh.seek(max(0, offset - TAR_BLOCK))
@@ -271,11 +346,21 @@ def _member_name(block: bytes) -> str:
 class BadCounter:
     """Per-shard bad-sample accounting; raises once a shard is past the allowed fraction.
 
-    Each (shard, key) counts once: a slot that starts over on its shards, or a bootstrap repeat,
-    reads the same bad sample again, and 8 reads of 5 bad samples are 5 bad samples."""
+    Each (shard, key) counts once: a slot that starts over on its pieces, or a bootstrap repeat,
+    reads the same bad sample again, and 8 reads of 5 bad samples are 5 bad samples.
 
-    def __init__(self, shards: Sequence[Shard], max_fraction: float) -> None:
-        self.lengths = {s.name: (s.num_samples, s.path) for s in shards}
+    The fraction is of the samples this reader takes from the shard: all of them for whole shards, the
+    sum of its pieces of it for ranges. A reader sees only its own pieces (other workers and ranks
+    read the rest), and a shard over the limit always has a reader over it on its part; a part over
+    it stops the run even where the shard as a whole would pass."""
+
+    def __init__(self, parts: Sequence[Shard | Piece], max_fraction: float) -> None:
+        self.lengths: dict[str, tuple[int, Path, int]] = {}  # name: (samples counted, path, shard's)
+        for part in parts:
+            piece = part if isinstance(part, Piece) else Piece(part, 0, part.num_samples)
+            taken, _, _ = self.lengths.get(piece.shard.name, (0, None, 0))
+            self.lengths[piece.shard.name] = (taken + piece.num_samples, piece.shard.path,
+                                              piece.shard.num_samples)
         self.max_fraction = max_fraction
         self.counts: dict[str, int] = {}
         self.seen: set[tuple[str, str]] = set()
@@ -286,9 +371,11 @@ class BadCounter:
             return False
         self.seen.add((record.shard, record.key))
         n = self.counts[record.shard] = self.counts.get(record.shard, 0) + 1
-        length, path = self.lengths[record.shard]
+        length, path, whole = self.lengths[record.shard]
         if n > self.max_fraction * length:
-            raise DataError(f"{path}: {n} of its {length} samples are unusable, more than "
+            whose = (f"its {length} samples" if length == whole
+                     else f"the {length} of its {whole} samples that one reader takes")
+            raise DataError(f"{path}: {n} of {whose} are unusable, more than "
                             f"data.max_bad_fraction={self.max_fraction} "
                             f"(latest: {record.key}: {record.reason})")
         return True
@@ -307,13 +394,18 @@ class TrainStream(IterableDataset):
         self.transform, self.cfg = transform, cfg
         self.rank, self.world, self.workers = rank, world, max(1, workers)
         self.batches_per_epoch = batches_per_epoch
-        self.set_epoch(0, None)  # deals the shards: too few for the readers is an error here, at start
+        slots = self.world * self.workers
+        self.pieces = pieces(self.shards, slots)
+        if len(self.pieces) < slots and shardset.num_samples < slots:  # no cut can help
+            raise DataError(f"{shardset.num_samples} training samples cannot give each of {slots} readers "
+                            "(ranks x loader.workers) one sample: use fewer loader.workers")
+        self.set_epoch(0, None)  # deals the pieces: too few for the readers is an error here, at start
 
     def set_epoch(self, epoch: int, position: EpochPosition | None) -> None:
         self.epoch = epoch
         self.position = position or EpochPosition()
-        order = shard_order(len(self.shards), self.cfg.seed, epoch)
-        dealt = deal([s.num_samples for s in self.shards], order, self.world * self.workers)
+        order = shard_order(len(self.pieces), self.cfg.seed, epoch)
+        dealt = deal([p.num_samples for p in self.pieces], order, self.world * self.workers)
         self.slots = dealt[self.rank * self.workers:(self.rank + 1) * self.workers]
 
     def __iter__(self) -> Iterator[Batch]:
@@ -330,17 +422,17 @@ class TrainStream(IterableDataset):
         yield from self._batches(logical, quota - done, skip)
 
     def _shuffled(self, logical: int) -> Iterator[dict]:
-        shards = [self.shards[i] for i in self.slots[logical]]
+        mine = [self.pieces[i] for i in self.slots[logical]]
         rng = random.Random(stable_hash("shuffle", self.cfg.seed, self.epoch, self.rank, logical))
 
         member, bag_seed = self.cfg.bootstrap_member, self.cfg.bootstrap_seed
         fraction, subset_seed = self.cfg.fraction, self.cfg.fraction_seed
 
         def cycle() -> Iterator[dict]:
-            while True:  # start over when the slot's shards run out before its quota
+            while True:  # start over when the slot's pieces run out before its quota
                 yielded = 0
-                for shard in shards:
-                    for sample in read_shard(shard):
+                for piece in mine:
+                    for sample in read_piece(piece):
                         key = sample["__key__"]
                         if not in_subset(subset_seed, key, fraction):
                             continue  # the subset first, then the bootstrap resample of the subset
@@ -349,7 +441,7 @@ class TrainStream(IterableDataset):
                             yielded += 1
                             yield sample
                 if yielded == 0:
-                    raise DataError(f"shards {[s.name for s in shards]} yield no samples"
+                    raise DataError(f"shards {[p.label for p in mine]} yield no samples"
                                     + (f" in bootstrap member {member}" if member is not None else "")
                                     + (f" in the data.fraction={fraction} subset: use fewer loader.workers "
                                        "or a larger fraction" if fraction < 1 else ""))
@@ -360,7 +452,7 @@ class TrainStream(IterableDataset):
         stream = self._shuffled(logical)
         for _ in range(skip):  # replay up to the resume point without decoding
             next(stream)
-        counter = BadCounter([self.shards[i] for i in self.slots[logical]], self.cfg.max_bad_fraction)
+        counter = BadCounter([self.pieces[i] for i in self.slots[logical]], self.cfg.max_bad_fraction)
         position = skip
         items: list = []
         labels: list[int] = []
@@ -420,15 +512,17 @@ class EvalStream(IterableDataset):
         self.transform, self.batch_size, self.max_bad = transform, batch_size, max_bad_fraction
         self.workers, self.labelled = max(1, workers), labelled
         slots = world * self.workers
-        # no shuffle: a fixed deal, so a rank with no shard (fewer shards than readers) simply idles;
-        # evaluation has no collective per batch, so uneven counts cannot hang
-        lengths = [s.num_samples for s in self.shards]
+        # no shuffle: a fixed deal of sample ranges where shards are too few (indexed sets); a reader
+        # without a piece (fewer samples or unindexed shards than readers) simply idles: evaluation has
+        # no collective per batch, so uneven counts cannot hang
+        self.pieces = pieces(self.shards, slots)
+        lengths = [p.num_samples for p in self.pieces]
         dealt = deal(lengths, sorted(range(len(lengths)), key=lambda i: -lengths[i]), slots, every_slot=False)
         self.slots = dealt[rank * self.workers:(rank + 1) * self.workers]
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        mine = [self.shards[i] for i in self.slots[info.id if info else 0]]
+        mine = [self.pieces[i] for i in self.slots[info.id if info else 0]]
         counter = BadCounter(mine, self.max_bad)
         images: list[Tensor] = []
         labels: list[int] = []
@@ -437,8 +531,9 @@ class EvalStream(IterableDataset):
         bad: list[BadRecord] = []
         bad_meta: list[BadRecord] = []
         reported_meta = 0
-        for shard in mine:
-            for sample in read_shard(shard):
+        for piece in mine:
+            shard = piece.shard
+            for sample in read_piece(piece):
                 key = sample.get("__key__", "?")
                 try:
                     image, label = decode(sample, self.num_classes, self.labelled)

@@ -26,7 +26,7 @@ from trainer.inference.config import CalibrateConfig
 from trainer.inference.ensemble import combine
 from trainer.inference.members import Member, augment_config, input_transform, load_bag, view_logits
 from trainer.inference.scoring import ENSEMBLE, rescale
-from trainer.runtime import distributed, lock
+from trainer.runtime import distributed, lock, logfile, progress
 from trainer.runtime.exits import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def collect(cfg: CalibrateConfig, members: list[Member], rank: int, world: int
     logits: list[list[torch.Tensor]] = [[] for _ in members]
     labels: list[torch.Tensor] = []
     taken = 0
-    for batch in data.eval_batches(stream, cfg.workers):
+    seen = progress.of_ranks("calibrate", min(cfg.max_samples, split.num_samples), cfg.progress_every_s,
+                             rank == 0, world)
+    for batch in seen.track(data.eval_batches(stream, cfg.workers), lambda b: len(b.labels)):
         if taken >= cap:
             break  # no collective runs inside this loop, so ranks may stop at different batches
         images = batch.images[: cap - taken]
@@ -125,7 +127,7 @@ def calibrate(cfg: CalibrateConfig, rank: int, world: int, device: torch.device)
     logits, labels = collected
     result = fit(cfg, [m.name for m in members], logits, labels, members[0].classes)
     result.save(cfg.out_path())
-    print(table(result, members[0].classes) + f"\nwritten: {cfg.out_path()}")
+    logfile.echo(table(result, members[0].classes) + f"\nwritten: {cfg.out_path()}")
     return result
 
 
@@ -134,6 +136,7 @@ def run(cfg: CalibrateConfig) -> int:
     device = distributed.init(env, cfg.dist_timeout_s)
     try:
         with lock.writing(cfg.out_path().parent, "calibrate", env):
+            logfile.attach(cfg.out_path().parent, "calibrate", distributed.is_main(env))
             calibrate(cfg, env.rank, env.world_size, device)
         return 0
     finally:

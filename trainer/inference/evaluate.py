@@ -16,6 +16,7 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,11 +30,13 @@ from trainer.inference.confusion import Confusion
 from trainer.inference.ensemble import ProbabilityMetrics
 from trainer.inference.members import augment_config, input_transform, load_bag
 from trainer.inference.scoring import ENSEMBLE, Scorer, calibration_path, load_calibration
-from trainer.runtime import distributed, lock
-from trainer.runtime.choices import plain
+from trainer.runtime import distributed, lock, logfile, progress
 from trainer.runtime.exits import ConfigError
 from trainer.runtime.files import atomic_write
-from trainer.tracking.tracker import Tracker, jsonable
+from trainer.tracking.tracker import jsonable
+
+if TYPE_CHECKING:
+    from trainer.inference.wandb_report import SampleCollector
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("top1", "top5", "mrr", "balanced_acc", "macro_top5", "nll", "ece", "n")
@@ -45,8 +48,10 @@ FILES = {"json": "report.json", "md": "report.md", "csv": "per_class.csv", "conf
 
 
 @torch.no_grad()
-def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -> dict:
-    """The report (see `FILES`) as a dict; the same on every rank."""
+def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device,
+             samples: SampleCollector | None = None) -> dict:
+    """The report (see `FILES`) as a dict; the same on every rank. `samples` (on every rank or none)
+    collects W&B's sample predictions, merged on rank 0."""
     members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
     scorer = Scorer(members, cfg.tta, cfg.combine,
                     load_calibration(cfg.bag, cfg.calibration, members, cfg.tta, cfg.combine))
@@ -70,7 +75,8 @@ def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -
     decisions = acceptance.Decisions([m.name for m in members])
     confusion = Confusion(num_classes)
     bad = 0
-    for batch in data.eval_batches(stream, cfg.workers):
+    seen = progress.of_ranks("evaluate", split.num_samples, cfg.progress_every_s, rank == 0, world)
+    for batch in seen.track(data.eval_batches(stream, cfg.workers), lambda b: len(b.labels) + len(b.bad)):
         bad += len(batch.bad)
         keep = ~torch.isin(batch.labels, excluded)
         if not bool(keep.any()):
@@ -84,6 +90,11 @@ def evaluate(cfg: EvaluateConfig, rank: int, world: int, device: torch.device) -
         for name, p in zip(raw, [*scores.raw_members, scores.raw_ensemble]):
             raw[name].update(p, labels)
         decisions.update(scores, labels)
+        if samples is not None:
+            samples.update(scores.ensemble, labels, images,
+                           tuple(k for k, m in zip(batch.keys, keep.tolist()) if m))
+    if samples is not None:
+        samples.merge_ranks()
     member_values = {name: state.all_reduce().compute() for name, state in metrics.items()}
     report = {"split": cfg.data.split, "combine": cfg.combine, "tta": cfg.tta, "checkpoint": cfg.checkpoint,
               "excluded_classes": list(cfg.exclude_classes), "classes": list(split.classes),
@@ -193,7 +204,7 @@ def write_report(report: dict, out: Path, plots: bool) -> dict[str, Path]:
     text = json.dumps(jsonable(report), indent=1, allow_nan=False)  # NaN (a class without samples) -> "nan"
     atomic_write(files["json"], text + "\n")
     atomic_write(files["md"], markdown(report, files))
-    atomic_write(files["csv"], _csv(report["per_class"]))
+    atomic_write(files["csv"], csv_text(report["per_class"]))
     if plots:
         n_classes = len(report["classes"])
         shown = report["confusion"]["classes"]
@@ -216,31 +227,14 @@ def write_report(report: dict, out: Path, plots: bool) -> dict[str, Path]:
     return files
 
 
-def _csv(rows: list[dict]) -> str:
+def csv_text(rows: list[dict]) -> str:
+    """Rows of dicts as CSV, floats to 6 significant digits (per_class.csv; the heads' tables too)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
     return buffer.getvalue()
-
-
-def log_to_wandb(cfg: EvaluateConfig, report: dict, files: dict[str, Path], out: Path) -> None:
-    name = cfg.logger.name or f"evaluate-{Path(cfg.bag).resolve().name}-{cfg.data.split}"
-    config = {"evaluate": jsonable(plain(cfg))}
-    with Tracker(out, is_main=True, mode=cfg.logger.mode, project=cfg.logger.project, name=name,
-                 config=config) as tracker:
-        scalars = {f"{model}/{k}": values[k] for model, values in
-                   [("ensemble", report["ensemble"]), *report["members"].items()] for k in SUMMARY_KEYS}
-        tracker.summary(scalars)
-        columns = ["model", *SUMMARY_KEYS]
-        table = [[model, *(values[k] for k in SUMMARY_KEYS)]
-                 for model, values in [*report["members"].items(), ("ensemble", report["ensemble"])]]
-        per_class_rows = report["per_class"]
-        tables = {"summary": (columns, table),
-                  "per_class": (list(per_class_rows[0]), [list(r.values()) for r in per_class_rows])}
-        images = {k: files[k] for k in ("confusion", "reliability", "coverage") if k in files}
-        tracker.media(images, tables, step=0)
 
 
 def run(cfg: EvaluateConfig) -> int:
@@ -251,12 +245,18 @@ def run(cfg: EvaluateConfig) -> int:
         # taken before the work, so a second writer is refused at once; the output folder only: a bag's
         # members keep their own locks, which a training of one of them holds
         with lock.writing(out, "evaluate", env):
-            report = evaluate(cfg, env.rank, env.world_size, device)
+            logfile.attach(out, "evaluate", distributed.is_main(env))  # evaluate.log beside the report
+            samples = None  # nothing collected for W&B when it is off
+            if cfg.logger.mode != "disabled":
+                from trainer.inference import wandb_report
+
+                samples = wandb_report.SampleCollector()
+            report = evaluate(cfg, env.rank, env.world_size, device, samples)
             if distributed.is_main(env):
                 files = write_report(report, out, cfg.plots)
-                if cfg.logger.mode != "disabled":
-                    log_to_wandb(cfg, report, files, out)
-                print(markdown(report) + "\nwritten: " + ", ".join(str(p) for p in files.values()))
+                if samples is not None:
+                    wandb_report.log_report(cfg, report, files, out, samples)
+                logfile.echo(markdown(report) + "\nwritten: " + ", ".join(str(p) for p in files.values()))
         return 0
     finally:
         distributed.cleanup()

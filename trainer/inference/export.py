@@ -1,9 +1,14 @@
-"""Members exported as safetensors + JSON, and loaded back without pickle.
+"""Members exported as safetensors (or ONNX) + JSON, and loaded back without pickle.
 
 Layout of an export directory (`python -m launch.export`, default `<bag>/export`):
     <member>.safetensors   the model's state dict; header metadata {format: pt, taxotrain_format, model}
+    <member>.onnx          instead, with format=onnx: uint8 images in, logits and calibrated probabilities
+                           out (`trainer/inference/onnx_graph.py`); its JSON entry "onnx" names inputs,
+                           outputs, opset, sha256 and temperature
     <member>.json          FORMAT: architecture, classes, input preprocessing, step, source and sha256s
-    bag.json               BAG_FORMAT: the exported members and their combination (mean of probabilities)
+    ensemble.onnx          format=onnx ensemble=true: the whole bag as one graph (members, mean, temperature)
+    bag.json               BAG_FORMAT: the exported members and their combination (mean of probabilities),
+                           and the ensemble graph's description ("ensemble") when there is one
 
 A checkpoint is a pickle (a zip of pickled containers, even when read with `weights_only=True`) and
 carries optimizer and RNG state nobody needs for inference. An export is tensors and JSON only:
@@ -11,7 +16,8 @@ carries optimizer and RNG state nobody needs for inference. An export is tensors
 safetensors and rebuilds the architecture with `trainer.model.build`, so no unpickling code is reached.
 The JSON describes the input completely (resize or letterbox, crop, interpolation, scale, mean/std,
 RGB), so the export can also be used without taxotrain; `preprocess(meta)` rebuilds it from taxotrain's
-own transforms, exactly as evaluation applies them.
+own transforms, exactly as evaluation applies them (for an ONNX graph, the transform alone: the graph
+normalises).
 
 Every file is written to a temporary name and renamed over the final one; the weights go first, then
 their JSON (which holds their sha256), then bag.json, so a reader never sees a JSON that names weights
@@ -36,6 +42,7 @@ from trainer import model
 from trainer.checkpoint import Checkpointer
 from trainer.data.transforms import AugmentConfig, Normalize, eval_transform, rgb
 from trainer.inference.calibration import BagCalibration
+from trainer.inference.config import ExportConfig
 from trainer.inference.members import member_dirs
 from trainer.inference.scoring import ENSEMBLE, calibration_path
 from trainer.runtime import lock
@@ -49,7 +56,7 @@ log = logging.getLogger(__name__)
 FORMAT = "taxotrain-export/1"
 BAG_FORMAT = "taxotrain-export-bag/1"
 _PREFIXES = ("module.", "_orig_mod.")  # added by DDP / torch.compile; our checkpoints hold neither
-_PACKAGES = ("taxotrain", "torch", "torchvision", "timm", "safetensors")
+_PACKAGES = ("taxotrain", "torch", "torchvision", "timm", "safetensors", "onnx", "onnxscript")
 
 
 class ExportError(UsageError, ValueError):
@@ -60,12 +67,17 @@ class ExportError(UsageError, ValueError):
 
 
 def export_bag(bag: Path, subset: list[str], which: str, out: Path | None = None,
-               calibration: str = "auto") -> tuple[Path, list[dict]]:
+               calibration: str = "auto", fmt: str = "safetensors",
+               ensemble: bool = False) -> tuple[Path, list[dict]]:
     """Export the members of a bag (or one run directory) into `out` (default `<bag>/export`).
 
     Returns the export directory and each member's metadata. Re-exporting overwrites the files.
-    With `calibration=auto`, the bag's temperatures and acceptance thresholds go into bag.json.
+    With `calibration=auto`, the bag's temperatures and acceptance thresholds go into bag.json (and,
+    with `fmt=onnx`, into the graphs). `ensemble` (onnx only) adds ensemble.onnx.
     """
+    if fmt not in ("safetensors", "onnx") or (ensemble and fmt != "onnx"):
+        raise ConfigError(f"format={fmt!r}, ensemble={ensemble}: format is safetensors or onnx, and "
+                          "ensemble=true needs format=onnx")
     bag = Path(bag)
     if not bag.is_dir():
         raise ConfigError(f"bag={str(bag)!r}: no such directory")
@@ -73,7 +85,7 @@ def export_bag(bag: Path, subset: list[str], which: str, out: Path | None = None
     out = Path(out) if out is not None else bag / "export"
     out.mkdir(parents=True, exist_ok=True)
     with lock.writing(out, "export"):
-        return out, _export_into(out, bag, found, which, calibration)
+        return out, _export_into(out, bag, found, which, calibration, fmt, ensemble)
 
 
 def calibration_record(bag: Path, use: str, names: list[str]) -> dict | None:
@@ -98,9 +110,17 @@ def calibration_record(bag: Path, use: str, names: list[str]) -> dict | None:
 
 
 def _export_into(out: Path, bag: Path, found: list[tuple[str, Path]], which: str,
-                 calibration: str) -> list[dict]:
+                 calibration: str, fmt: str, ensemble: bool) -> list[dict]:
     """The files of `export_bag`, written while it holds `out`'s lock; returns each member's metadata."""
-    metas = [export_member(name, run_dir, which, out) for name, run_dir in found]
+    # before any file is written: a calibration that lacks a member fails the command first
+    cal = calibration_record(bag, calibration, [name for name, _ in found])
+    if fmt == "onnx":
+        temperatures = cal["temperatures"] if cal else {}
+        exported = [export_onnx_member(name, run_dir, which, out, temperatures.get(name, 1.0))
+                    for name, run_dir in found]
+        metas, graphs = [meta for meta, _ in exported], [graph for _, graph in exported]
+    else:
+        metas, graphs = [export_member(name, run_dir, which, out) for name, run_dir in found], []
     for meta in metas[1:]:
         if meta["classes"] != metas[0]["classes"]:
             raise ConfigError(f"member {meta['name']} has other classes than {metas[0]['name']}")
@@ -109,13 +129,22 @@ def _export_into(out: Path, bag: Path, found: list[tuple[str, Path]], which: str
         "combine": "mean",  # of the members' softmax probabilities (trainer.inference.ensemble.combine)
         "classes": metas[0]["classes"],
         "source": str(bag.resolve()),
-        "members": [{"name": m["name"], "meta": f"{m['name']}.json", "weights": m["weights"]["file"],
-                     "model": m["model"]} for m in metas],
+        "members": [_bag_entry(m) for m in metas],
         # each member's softmax(logits / T), then the ensemble's temperature and acceptance thresholds
-        "calibration": calibration_record(bag, calibration, [m["name"] for m in metas]),
+        "calibration": cal,
     }
+    if ensemble:
+        temperature = cal["ensemble_temperature"] if cal else 1.0
+        record["ensemble"] = export_onnx_ensemble(out, metas, graphs, temperature)
     atomic_write(out / "bag.json", json.dumps(record, indent=1) + "\n")
     return metas
+
+
+def _bag_entry(meta: dict) -> dict:
+    """A member as bag.json lists it: its JSON, and its weights (safetensors) or graph (onnx) file."""
+    kind = "weights" if "weights" in meta else "onnx"
+    return {"name": meta["name"], "meta": f"{meta['name']}.json", kind: meta[kind]["file"],
+            "model": meta["model"]}
 
 
 def export_member(name: str, run_dir: Path, which: str, out: Path) -> dict:
@@ -126,6 +155,48 @@ def export_member(name: str, run_dir: Path, which: str, out: Path) -> dict:
     tensors = plain_state_dict(state.model)
     header = {"format": "pt", "taxotrain_format": FORMAT, "model": state.model_name}
     _save_atomic(tensors, weights, header)
+    described = {"file": weights.name, "sha256": sha256_file(weights), "tensors": len(tensors)}
+    return _write_meta(out, name, state, source, which, {"weights": described})
+
+
+def export_onnx_member(name: str, run_dir: Path, which: str, out: Path,
+                       temperature: float = 1.0) -> tuple[dict, nn.Module]:
+    """Write `<out>/<name>.onnx` and `<out>/<name>.json`; (the metadata, the exported graph module)."""
+    from trainer.inference import onnx_graph  # onnx and the exporter load only when asked for
+
+    source = source_checkpoint(name, run_dir, which)
+    state = TrainingState.read(source)
+    net = model.build(state.model_name, len(state.classes))
+    net.load_state_dict(plain_state_dict(state.model))
+    data = state.config["data"]
+    graph = onnx_graph.MemberGraph(net, Normalize(data["mean"], data["std"]), temperature)
+    described = onnx_graph.write(graph, ["logits", "probabilities"], int(data["crop_size"]),
+                                 out / f"{name}.onnx")
+    # probabilities = softmax(logits / temperature): the bag's calibration, 1.0 without one
+    files = {"onnx": {**described, "temperature": temperature}}
+    return _write_meta(out, name, state, source, which, files), graph
+
+
+def export_onnx_ensemble(out: Path, metas: list[dict], graphs: list[nn.Module], temperature: float) -> dict:
+    """Write `<out>/ensemble.onnx`, the members' graphs averaged and rescaled; its bag.json entry."""
+    from trainer.inference import onnx_graph
+
+    geometry = [{k: v for k, v in m["input"].items() if k not in ("mean", "std", "scale")} for m in metas]
+    differ = [m["name"] for m, g in zip(metas, geometry) if g != geometry[0]]
+    if differ:
+        raise ConfigError(f"ensemble=true: members {differ} prepare images differently from "
+                          f"{metas[0]['name']} ({geometry[0]}); export them without ensemble=true")
+    whole = onnx_graph.EnsembleGraph(graphs, temperature)
+    described = onnx_graph.write(whole, ["probabilities"], geometry[0]["crop_size"], out / "ensemble.onnx")
+    return {**described, "members": [m["name"] for m in metas], "input": geometry[0],
+            "temperatures": {m["name"]: m["onnx"]["temperature"] for m in metas},
+            "ensemble_temperature": temperature,
+            "computes": "p = mean over members of softmax(logits / T_member); with ensemble_temperature "
+                        "T != 1, softmax(log(max(p, 1e-12)) / T)"}
+
+
+def _write_meta(out: Path, name: str, state: TrainingState, source: Path, which: str, files: dict) -> dict:
+    """`<out>/<name>.json` for a member whose model file(s) `files` describes; returns the metadata."""
     meta = {
         "format": FORMAT,
         "name": name,
@@ -134,13 +205,14 @@ def export_member(name: str, run_dir: Path, which: str, out: Path) -> dict:
         "classes": list(state.classes),
         "input": input_meta(state.config["data"]),
         "step": state.step,
-        "weights": {"file": weights.name, "sha256": sha256_file(weights), "tensors": len(tensors)},
+        **files,
         "source": {"checkpoint": str(source.resolve()), "sha256": sha256_file(source), "requested": which},
         "software": {**package_versions(_PACKAGES), "git": git_state()},
         "exported_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
-    log.info("exported %s (%s, step %d) from %s to %s", name, meta["model"], meta["step"], source, weights)
+    written = ", ".join(str(out / f["file"]) for f in files.values())
+    log.info("exported %s (%s, step %d) from %s to %s", name, meta["model"], meta["step"], source, written)
     return meta
 
 
@@ -251,6 +323,9 @@ def read_meta(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ExportError(f"{path}: not a {FORMAT} export (format {got!r})")
+    if "weights" not in meta and isinstance(meta.get("onnx"), dict):
+        raise ExportError(f"{path}: an ONNX export ({meta['onnx'].get('file')}): run it with onnxruntime; "
+                          "load_exported reads safetensors exports")
     missing = [k for k in ("model", "num_classes", "classes", "input", "weights") if k not in meta]
     if missing or not {"file", "sha256"} <= set(meta.get("weights") or {}):
         raise ExportError(f"{path}: missing keys {missing or ['weights.file/sha256']}")
@@ -298,3 +373,17 @@ def preprocess(meta: dict) -> tuple[Callable[[Tensor], Tensor], Normalize]:
                                        "upscale": box["upscale"]}
     aug = AugmentConfig(spec["crop_size"], eval_crop_ratio=spec["eval_crop_ratio"], **geometry)
     return eval_transform(aug), Normalize(spec["mean"], spec["std"])
+
+
+def run(cfg: ExportConfig) -> int:
+    """`taxotrain-export`: the files, then (logger.mode=offline|online) the folder as a W&B artifact."""
+    out, metas = export_bag(Path(cfg.bag), cfg.members, cfg.checkpoint, Path(cfg.out) if cfg.out else None,
+                            cfg.calibration, fmt=str(cfg.format), ensemble=cfg.ensemble)
+    from trainer.inference import wandb_report  # wandb only when asked for
+
+    wandb_report.log_export(Path(cfg.bag), out, metas, cfg.logger)
+    names = ", ".join(f"{m['name']} ({m['model']}, step {m['step']})" for m in metas)
+    how = (f"run {out}/<member>.onnx{' or ensemble.onnx' if cfg.ensemble else ''} with onnxruntime"
+           if cfg.format == "onnx" else f"load with trainer.inference.export.load_exported_bag({str(out)!r})")
+    print(f"exported {names} to {out}; {how}")
+    return 0

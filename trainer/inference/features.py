@@ -12,13 +12,21 @@ Writes `features-<split>.npz` (or `.parquet`), `pca.npz` and last `features.json
 (or `out=DIR`), each atomically. Rows are sorted by key, so a rerun writes the same bytes. Runs
 in-process, under torchrun or as srun tasks: each rank embeds its own shards, rank 0 gathers and writes.
 No object arrays: `np.load(path, allow_pickle=False)` opens every npz written here.
+
+`parts=true` gathers nothing: each rank writes its rows of a split as `features-<split>/part-<rank>-<i>`
+files of about `part_rows` rows (sorted by key inside a file, not across files), its bad samples as
+`bad-<rank>.tsv`, and only counts cross ranks; features.json lists the files (`"files"` instead of
+`"file"`). Memory holds one file's rows. No `pca`: it needs every row of the first split in one place.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
+import shutil
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +41,8 @@ from trainer.inference import members as bag_members
 from trainer.inference.config import FeaturesConfig
 from trainer.inference.ensemble import combine
 from trainer.inference.members import Member, embeddings, load_bag
-from trainer.runtime import distributed, lock
-from trainer.runtime.exits import ConfigError
+from trainer.runtime import distributed, lock, logfile, progress
+from trainer.runtime.exits import ConfigError, RunFailure
 from trainer.runtime.files import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
@@ -101,22 +109,32 @@ def batch_rows(batch: data.Batch, members: list[Member], tta: str, names: list[s
                 combine([p for _, p in outputs], "mean").float().cpu().numpy())
 
 
-@torch.no_grad()
 def embed_split(split: ShardSet, members: list[Member], cfg: FeaturesConfig, names: list[str],
                 rank: int, world: int, device: torch.device) -> Rows:
-    """This rank's samples of the split (EvalStream deals each shard to one rank and worker)."""
+    """This rank's samples of the split, sorted by key."""
+    empty = Rows.empty(member_dims(members), len(names), len(split.classes))
+    return Rows.join([empty, *embedded(split, members, cfg, names, rank, world, device)])
+
+
+@torch.no_grad()
+def embedded(split: ShardSet, members: list[Member], cfg: FeaturesConfig, names: list[str],
+             rank: int, world: int, device: torch.device) -> Iterator[Rows]:
+    """This rank's samples of the split, one `Rows` per batch with the batch's bad samples (EvalStream
+    deals each shard to one rank and worker)."""
     max_bad = cfg.max_bad_fraction
     if max_bad is None:
         max_bad = members[0].config["data"]["max_bad_fraction"]
     transform = bag_members.input_transform(bag_members.augment_config(members[0]), cfg.tta)
     stream = data.EvalStream(split, transform, cfg.batch_size, rank, world, cfg.workers, max_bad,
                              labelled=split.labelled)
-    parts = [Rows.empty(member_dims(members), len(names), len(split.classes))]
-    for batch in data.eval_batches(stream, cfg.workers, pin_memory=device.type == "cuda"):
-        parts[0].bad += batch.bad
-        if len(batch.labels):
-            parts.append(batch_rows(batch, members, cfg.tta, names, device))
-    return Rows.join(parts)
+    seen = progress.of_ranks(f"features {split.split}", split.num_samples, cfg.progress_every_s, rank == 0,
+                             world)
+    batches = data.eval_batches(stream, cfg.workers, pin_memory=device.type == "cuda")
+    for batch in seen.track(batches, lambda b: len(b.labels) + len(b.bad)):
+        rows = (batch_rows(batch, members, cfg.tta, names, device) if len(batch.labels) else
+                Rows.empty(member_dims(members), len(names), len(split.classes)))
+        rows.bad = list(batch.bad)
+        yield rows
 
 
 def gather(rows: Rows, rank: int, world: int) -> Rows | None:
@@ -221,7 +239,10 @@ def write_parquet(path: Path, rows: Rows, classes: list[str], names: list[str]) 
 
 def write_split(out: Path, split: str, rows: Rows, cfg: FeaturesConfig, classes: list[str],
                 names: list[str]) -> Path:
-    path = out / f"features-{split}.{cfg.format}"
+    return write_rows(out / f"features-{split}.{cfg.format}", rows, cfg, classes, names)
+
+
+def write_rows(path: Path, rows: Rows, cfg: FeaturesConfig, classes: list[str], names: list[str]) -> Path:
     if cfg.format == "npz":
         write_npz(path, npz_arrays(rows, classes, names))
     else:
@@ -246,6 +267,8 @@ def export(cfg: FeaturesConfig, rank: int, world: int, device: torch.device) -> 
     splits = load_splits(cfg)
     members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
     check_setup(cfg, members, splits)
+    logfile.attach(cfg.out_dir(), "features", distributed.is_main())  # after the checks: a bad command
+    # leaves no folder behind
     names = list(read_info(splits[0].root).features)
     classes = list(splits[0].classes)
     out = cfg.out_dir()
@@ -285,10 +308,14 @@ def describe(cfg: FeaturesConfig, members: list[Member], classes: list[str], nam
 
 
 def report(split: str, entry: dict, out: Path) -> None:
-    print(f"{split}: {entry['exported']} exported + {entry['bad']} bad = {entry['samples']} samples "
-          f"-> {out / entry['file']}")
-    if entry["bad"]:
-        print(f"  bad samples in {split}: " + ", ".join(b["key"] for b in entry["bad_samples"]))
+    where = (out / entry["file"] if "file" in entry
+             else f"{len(entry['files'])} file(s) in {out / entry['folder']}")
+    logfile.echo(f"{split}: {entry['exported']} exported + {entry['bad']} bad = {entry['samples']} samples "
+                 f"-> {where}")
+    if entry["bad"] and "bad_samples" in entry:
+        logfile.echo(f"  bad samples in {split}: " + ", ".join(b["key"] for b in entry["bad_samples"]))
+    elif entry["bad"]:
+        logfile.echo(f"  bad samples in {split}: listed in {out / entry['folder']}/bad-*.tsv")
 
 
 def run(cfg: FeaturesConfig) -> int:
@@ -297,8 +324,125 @@ def run(cfg: FeaturesConfig) -> int:
     out = cfg.out_dir()
     try:
         with lock.writing(out, "features", env):
-            export(cfg, env.rank, env.world_size, device)
+            (export_parts if cfg.parts else export)(cfg, env.rank, env.world_size, device)
             distributed.barrier()  # a rank-0 failure while writing fails every rank, not only rank 0
         return 0
     finally:
         distributed.cleanup()
+
+
+# ---------------------------------------------------------------- parts=true: no row crosses ranks
+
+
+def export_parts(cfg: FeaturesConfig, rank: int, world: int, device: torch.device) -> dict | None:
+    """Every split in order, each rank writing its rows as files of about `part_rows` rows into
+    `features-<split>/`; rank 0 learns counts only and writes features.json listing the files."""
+    splits = load_splits(cfg)
+    members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
+    check_setup(cfg, members, splits)
+    logfile.attach(cfg.out_dir(), "features", distributed.is_main())  # after the checks: a bad command
+    # leaves no folder behind
+    names = list(read_info(splits[0].root).features)
+    classes = list(splits[0].classes)
+    out = cfg.out_dir()
+    record = describe(cfg, members, classes, names)
+    dims = member_dims(members)
+    record["dims"] = {CONCAT: sum(dims.values())} if cfg.mode == "concat" else dims
+    if distributed.is_main():
+        start_over(out, splits)
+    distributed.barrier()  # nobody writes a part before the old ones are gone
+    for split in splits:
+        entry = split_parts(split, members, cfg, names, out, rank, world, device)
+        if entry is not None:
+            record["splits"][split.split] = entry
+            report(split.split, entry, out)
+    if not distributed.is_main():
+        return None
+    atomic_write(out / "features.json", json.dumps(record, indent=1) + "\n")  # last: the export is whole
+    return record
+
+
+def start_over(out: Path, splits: list[ShardSet]) -> None:
+    """features.json first (it would vouch for files about to go), then the splits' old part folders."""
+    (out / "features.json").unlink(missing_ok=True)
+    for split in splits:
+        shutil.rmtree(out / parts_folder(split.split), ignore_errors=True)
+
+
+def parts_folder(split: str) -> str:
+    return f"features-{split}"
+
+
+def split_parts(split: ShardSet, members: list[Member], cfg: FeaturesConfig, names: list[str], out: Path,
+                rank: int, world: int, device: torch.device) -> dict | None:
+    """This rank's files of one split; then (files, exported, bad) of every rank, and a failure flag so
+    that ranks fail together, are summed: the only thing that crosses ranks. The entry on rank 0."""
+    counts, failure = [0, 0, 0], None
+    try:
+        counts = write_rank_parts(split, members, cfg, names, out / parts_folder(split.split), rank, world,
+                                  device)
+    except Exception as err:  # re-raised below, after the others learnt of it
+        log.error("rank %d, split %s: %s", rank, split.split, err)
+        failure = err
+    table = torch.zeros(world * 3 + 1, dtype=torch.int64)
+    table[rank * 3:rank * 3 + 3] = torch.tensor(counts)
+    table[-1] = failure is not None
+    table = distributed.all_sum(table)
+    if failure is not None:
+        raise failure
+    if table[-1]:
+        raise RunFailure(f"split {split.split!r}: {int(table[-1])} other rank(s) failed (see their output)")
+    if not distributed.is_main():
+        return None
+    return parts_entry(split, out, table[:-1].view(world, 3).tolist(), cfg.format)
+
+
+def write_rank_parts(split: ShardSet, members: list[Member], cfg: FeaturesConfig, names: list[str],
+                     folder: Path, rank: int, world: int, device: torch.device) -> list[int]:
+    """(files, exported, bad) of this rank: rows in files of about part_rows (sorted by key inside each),
+    bad samples in `bad-<rank>.tsv`; memory holds one file's rows at most."""
+    classes = list(split.classes)
+    held: list[Rows] = []
+    files = exported = bad = 0
+    listed = folder / f"bad-{rank:05d}.tsv"
+    with atomic_path(listed) as tmp, open(tmp, "x", newline="", encoding="utf-8") as fh:
+        listing = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        listing.writerow(["key", "shard", "reason"])
+        for rows in embedded(split, members, cfg, names, rank, world, device):
+            listing.writerows([b.key, b.shard, b.reason] for b in rows.bad)
+            bad += len(rows.bad)
+            held.append(rows)
+            if sum(map(len, held)) >= cfg.part_rows:
+                exported += flush(held, folder / part_file(rank, files, cfg.format), cfg, classes, names)
+                files, held = files + 1, []
+        if sum(map(len, held)):
+            exported += flush(held, folder / part_file(rank, files, cfg.format), cfg, classes, names)
+            files += 1
+    return [files, exported, bad]
+
+
+def part_file(rank: int, index: int, fmt: str) -> str:
+    return f"part-{rank:05d}-{index:05d}.{fmt}"
+
+
+def flush(held: list[Rows], path: Path, cfg: FeaturesConfig, classes: list[str], names: list[str]) -> int:
+    rows = arrange(Rows.join(held), cfg.mode)
+    write_rows(path, rows, cfg, classes, names)
+    return len(rows)
+
+
+def parts_entry(split: ShardSet, out: Path, table: list[list[int]], fmt: str) -> dict:
+    """The split's entry of features.json: every rank's files (which must exist) and counts that
+    reconcile with the manifest: samples = exported + bad."""
+    folder = parts_folder(split.split)
+    files = [f"{folder}/{part_file(r, i, fmt)}" for r, (n, _, _) in enumerate(table) for i in range(n)]
+    missing = [f for f in files if not (out / f).is_file()]
+    if missing:
+        raise data.DataError(f"split {split.split!r}: part files missing after every rank wrote: {missing}")
+    exported, bad = sum(row[1] for row in table), sum(row[2] for row in table)
+    if exported + bad != split.num_samples:
+        raise data.DataError(f"split {split.split!r}: {exported} exported + {bad} bad, but the manifest "
+                             f"lists {split.num_samples} samples")
+    listed = [f"{folder}/bad-{r:05d}.tsv" for r in range(len(table))]
+    return {"folder": folder, "files": files, "bad_files": listed, "samples": split.num_samples,
+            "exported": exported, "bad": bad}

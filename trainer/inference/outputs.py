@@ -11,6 +11,7 @@ was read from (commit cb44b190, v3.2.1-9). Every file is written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from collections.abc import Iterable, Sequence
@@ -84,7 +85,7 @@ def write_predictions(out: Path, fmt: str, rows: Sequence[PredictionRow], k: int
     if fmt == PARQUET:
         write_parquet(out, header, [table_values(r, header) for r in rows])
         return
-    lines = ([f"{v:.6f}" if isinstance(v, float) else v for v in table_values(r, header)] for r in rows)
+    lines = ([_cell(v) for v in table_values(r, header)] for r in rows)
     atomic_write(out, text_table(header, lines, "," if fmt == CSV else "\t"))
 
 
@@ -136,18 +137,107 @@ def check_ecotaxa(rows: Sequence[PredictionRow]) -> None:
         raise ConfigError(f"format=ecotaxa: {len(missing)} of {len(rows)} rows have no EcoTaxa object_id "
                           f"(first: key {missing[0]!r}); build the shards with an object id column "
                           f"(source.key_column) or choose another format")
-    seen: dict[str, str] = {}
+    ids = EcotaxaIds()
     for r in rows:
-        if not r.classes:
-            raise ConfigError(f"format=ecotaxa: key {r.key!r} has no class to annotate (k=0)")
-        if r.object_id in seen:
-            raise ConfigError(f"format=ecotaxa: object_id {r.object_id!r} appears twice (keys "
-                              f"{seen[r.object_id]!r} and {r.key!r}); EcoTaxa updates one object per id")
-        seen[r.object_id] = r.key
-        for what, value in (("object_id", r.object_id), ("class name", r.classes[0])):
+        ids.check(r.object_id, r.key, r.classes[0] if r.classes else None)
+
+
+class EcotaxaIds:
+    """The row-by-row part of `check_ecotaxa`; it keeps every object_id seen (one string per row) to
+    catch a repeat, which is why merging into format=ecotaxa is for runs whose ids fit in memory."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}
+
+    def check(self, object_id: str, key: str, top_class: str | None) -> None:
+        if not object_id.strip():
+            raise ConfigError(f"format=ecotaxa: key {key!r} has no EcoTaxa object_id; build the shards "
+                              f"with an object id column (source.key_column) or choose another format")
+        if top_class is None:
+            raise ConfigError(f"format=ecotaxa: key {key!r} has no class to annotate (k=0)")
+        if object_id in self.seen:
+            raise ConfigError(f"format=ecotaxa: object_id {object_id!r} appears twice (keys "
+                              f"{self.seen[object_id]!r} and {key!r}); EcoTaxa updates one object per id")
+        self.seen[object_id] = key
+        for what, value in (("object_id", object_id), ("class name", top_class)):
             if any(c in value for c in _BREAKS):
-                raise ConfigError(f"format=ecotaxa: {what} {value!r} (key {r.key!r}) contains a tab or "
+                raise ConfigError(f"format=ecotaxa: {what} {value!r} (key {key!r}) contains a tab or "
                                   f"line break, which EcoTaxa's TSV cannot hold")
+
+
+# ---------------------------------------------------------------- streaming (parts and their merge)
+
+
+def part_header(k: int) -> list[str]:
+    """The columns of every part file: object_id always ("" where the shards carry none), so that all
+    parts of a run share one schema and read as one parquet dataset."""
+    return ["object_id", "key", "path", *(f"{n}_{i}" for i in range(1, k + 1) for n in ("class", "prob")),
+            "decision"]
+
+
+def arrow_schema(header: list[str]):  # -> pyarrow.Schema; pyarrow is imported lazily
+    import pyarrow as pa
+
+    return pa.schema([(n, pa.float64() if n.startswith("prob_") else pa.string()) for n in header])
+
+
+def rows_batch(rows: Sequence[PredictionRow], header: list[str]):  # -> pyarrow.RecordBatch
+    import pyarrow as pa
+
+    values = [table_values(r, header) for r in rows]
+    schema = arrow_schema(header)
+    return pa.record_batch([pa.array([v[j] for v in values], f.type) for j, f in enumerate(schema)],
+                           schema=schema)
+
+
+class TableWriter:
+    """One predictions file written row batch by row batch through a temporary (`atomic_path`): the
+    same bytes `write_predictions` writes for the same rows, without holding them. Rows are dicts keyed
+    by `part_header`; `header` is the file's own columns. Use as a context manager: published on a clean
+    exit, removed on an error."""
+
+    def __init__(self, out: Path, fmt: str, header: list[str]) -> None:
+        self.out, self.fmt, self.header = out, check_format(fmt), header
+        self.ids = EcotaxaIds() if fmt == ECOTAXA else None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> TableWriter:
+        tmp = self._stack.enter_context(atomic_path(self.out))
+        if self.fmt == PARQUET:
+            import pyarrow.parquet as pq
+
+            self._parquet = pq.ParquetWriter(tmp, arrow_schema(self.header))
+            self._stack.callback(self._parquet.close)
+            return self
+        fh = self._stack.enter_context(open(tmp, "x", newline="", encoding="utf-8"))
+        self._csv = csv.writer(fh, delimiter="," if self.fmt == CSV else "\t", lineterminator="\n")
+        if self.fmt == ECOTAXA:
+            fh.write(BOM)
+            names, types = zip(*ECOTAXA_COLUMNS)
+            self._csv.writerows([list(names), list(types)])
+        else:
+            self._csv.writerow(self.header)
+        return self
+
+    def write(self, rows: list[dict]) -> None:
+        if self.fmt == PARQUET:
+            import pyarrow as pa
+
+            self._parquet.write_table(pa.Table.from_pylist(rows, arrow_schema(self.header)))
+        elif self.ids is not None:
+            for r in rows:
+                self.ids.check(r["object_id"], r["key"], r.get("class_1"))
+            self._csv.writerows([r["object_id"], r["class_1"], ECOTAXA_STATUS, f"{r['prob_1']:.6f}",
+                                 r["decision"]] for r in rows)
+        else:
+            self._csv.writerows([_cell(r[n]) for n in self.header] for r in rows)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.__exit__(*exc)
+
+
+def _cell(value: str | float) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else value
 
 
 # ---------------------------------------------------------------- reading

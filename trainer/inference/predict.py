@@ -10,10 +10,14 @@ the shards carry one, `class_1, prob_1, ..., class_k, prob_k` with the bag's cal
 `*.unreadable.tsv` with the reason, and the summary reconciles `N inputs = P predicted + U unreadable`.
 Default out: `BAG/predictions.<format>` (never inside the image folder). Runs in-process, under
 torchrun or as srun tasks: rank r predicts every world-th image (shards: EvalStream's deal), and rank 0
-gathers the rows and writes both files atomically.
+gathers the rows and writes both files atomically. That holds the whole run in rank 0: for large shard
+sets, `parts=true` has each rank stream its rows into its own parquet part (memory: one batch), array
+tasks split the shards (`task_index/task_count`, `stage=write|merge`), and only counts cross ranks
+(`parts.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -31,12 +35,14 @@ from shards.sources import walk  # the same hidden-file rules as shards.build's 
 from trainer.data import shardset
 from trainer.data import streams as data
 from trainer.data.transforms import MAX_PIXELS, BadSample, decode_bytes, image_kind
-from trainer.inference.config import PredictConfig
+from trainer.inference import parts
+from trainer.inference.calibration import Thresholds
+from trainer.inference.config import PredictConfig, PredictStage
 from trainer.inference.members import Member, augment_config, input_transform, load_bag
-from trainer.inference.outputs import PredictionRow, text_table, write_predictions
-from trainer.inference.scoring import ENSEMBLE, Scorer, load_calibration
-from trainer.runtime import distributed, files, lock
-from trainer.runtime.exits import ConfigError
+from trainer.inference.outputs import PredictionRow, default_name, text_table, write_predictions
+from trainer.inference.scoring import ENSEMBLE, Scorer, calibration_path, load_calibration
+from trainer.runtime import distributed, files, lock, logfile, progress
+from trainer.runtime.exits import ConfigError, RunFailure
 from trainer.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,9 @@ CONVERTED = (".bmp", ".tif", ".tiff")
 MAX_FILE_BYTES = 1 << 30
 
 
+
+
+ScoringFactory = Callable[[PredictConfig, list[Member]], "Scoring"]
 
 
 class Result(NamedTuple):
@@ -176,37 +185,62 @@ def batches(cfg: PredictConfig, members: list[Member], rank: int, world: int
     return len(paths), skipped, data.eval_batches(stream, cfg.workers)
 
 
-@torch.no_grad()
-def predict_rows(stream: Iterable[data.Batch], scorer: Scorer, top_k: int
+class Scoring(NamedTuple):
+    """What turns a batch into rows: the bag's calibrated ensemble, or a classical head on its embeddings
+    (`trainer/heads/predict.py`)."""
+
+    classes: list[str]
+    probabilities: Callable[[data.Batch], Tensor]  # [N, C] for the batch's images
+    thresholds: Thresholds | None                  # None: every row is `review`
+
+
+def bag_scoring(cfg: PredictConfig, members: list[Member]) -> Scoring:
+    scorer = Scorer(members, cfg.tta, cfg.combine,
+                    load_calibration(cfg.bag, cfg.calibration, members, cfg.tta, cfg.combine))
+    return Scoring(members[0].classes, lambda batch: scorer(batch.images).ensemble,
+                   scorer.thresholds(ENSEMBLE))
+
+
+def predict_rows(stream: Iterable[data.Batch], scoring: Scoring, top_k: int
                  ) -> tuple[list[PredictionRow], list[data.BadRecord]]:
-    """Top-k rows of the calibrated ensemble; `auto` where its top-1 clears its class's threshold."""
-    classes = scorer.members[0].classes
-    k = min(top_k, len(classes))
-    thresholds = scorer.thresholds(ENSEMBLE)
+    """Every row of `stream`, in memory (the single-file output sorts them)."""
     rows: list[PredictionRow] = []
     bad: list[data.BadRecord] = []
-    for batch in stream:
-        bad += batch.bad
-        if not batch.keys:
-            continue
-        top = scorer(batch.images).ensemble.topk(k, dim=1)
-        conf, pred = top.values[:, 0].numpy(), top.indices[:, 0].numpy()
-        auto = thresholds.accept(conf, pred) if thresholds is not None else [False] * len(conf)
-        for key, meta, p, i, ok in zip(batch.keys, batch.meta, top.values.tolist(), top.indices.tolist(),
-                                       auto):
-            rows.append(PredictionRow(key, str(meta.get("path", "")), str(meta.get("id", "")),
-                                      tuple(classes[j] for j in i), tuple(p), "auto" if ok else "review"))
+    for batch_rows, batch_bad in scored(stream, scoring, top_k):
+        rows += batch_rows
+        bad += batch_bad
     return rows, bad
 
 
-def predict(cfg: PredictConfig, rank: int, world: int, device: torch.device) -> Result | None:
+@torch.no_grad()
+def scored(stream: Iterable[data.Batch], scoring: Scoring, top_k: int
+           ) -> Iterator[tuple[list[PredictionRow], tuple[data.BadRecord, ...]]]:
+    """Per batch: top-k rows of the calibrated scores (`auto` where the top-1 clears its class's
+    threshold) and the batch's unreadable inputs."""
+    classes, thresholds = scoring.classes, scoring.thresholds
+    k = min(top_k, len(classes))
+    for batch in stream:
+        if not batch.keys:
+            yield [], batch.bad
+            continue
+        top = scoring.probabilities(batch).topk(k, dim=1)
+        conf, pred = top.values[:, 0].numpy(), top.indices[:, 0].numpy()
+        auto = thresholds.accept(conf, pred) if thresholds is not None else [False] * len(conf)
+        yield [PredictionRow(key, str(meta.get("path", "")), str(meta.get("id", "")),
+                             tuple(classes[j] for j in i), tuple(p), "auto" if ok else "review")
+               for key, meta, p, i, ok in zip(batch.keys, batch.meta, top.values.tolist(),
+                                              top.indices.tolist(), auto)], batch.bad
+
+
+def predict(cfg: PredictConfig, rank: int, world: int, device: torch.device,
+            scoring: ScoringFactory = bag_scoring) -> Result | None:
     """Every rank predicts its share; rank 0 gets the whole result (in input order), the others None."""
     members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
-    scorer = Scorer(members, cfg.tta, cfg.combine,
-                    load_calibration(cfg.bag, cfg.calibration, members, cfg.tta, cfg.combine))
+    scorer = scoring(cfg, members)
     inputs, skipped, stream = batches(cfg, members, rank, world)
     start = time.monotonic()
-    rows, bad = predict_rows(stream, scorer, cfg.top_k)
+    seen = progress.of_ranks("predict", inputs, cfg.progress_every_s, rank == 0, world)
+    rows, bad = predict_rows(seen.track(stream, lambda b: len(b.labels) + len(b.bad)), scorer, cfg.top_k)
     seconds = time.monotonic() - start
     parts = distributed.gather((rows, bad))
     if parts is None:
@@ -217,7 +251,7 @@ def predict(cfg: PredictConfig, rank: int, world: int, device: torch.device) -> 
     bad = sorted((b for _, part_bad in parts for b in part_bad), key=lambda b: b.key)
     if len(rows) + len(bad) != inputs:  # a lost or doubled image must never pass unnoticed
         raise data.DataError(f"{inputs} inputs but {len(rows)} predicted + {len(bad)} unreadable")
-    return Result(inputs, rows, bad, skipped, min(cfg.top_k, len(members[0].classes)))
+    return Result(inputs, rows, bad, skipped, min(cfg.top_k, len(scorer.classes)))
 
 
 # ---------------------------------------------------------------- output
@@ -251,17 +285,127 @@ def summary(result: Result, out: Path, sibling: Path) -> str:
     return text
 
 
-def run(cfg: PredictConfig) -> int:
+def run(cfg: PredictConfig, scoring: ScoringFactory = bag_scoring) -> int:
+    if cfg.parts:
+        return run_parts(cfg, scoring)
     env = distributed.detect()
     device = distributed.init(env, cfg.dist_timeout_s)
     out = cfg.out_path()
     try:
         # the folder of the output file: its .unreadable sibling goes there too
         with lock.writing(out.parent, "predict", env):
-            result = predict(cfg, env.rank, env.world_size, device)
+            logfile.attach(out.parent, "predict", distributed.is_main(env))  # beside the predictions
+            result = predict(cfg, env.rank, env.world_size, device, scoring)
             if result is not None:
                 sibling = write(result, out, cfg.is_shards, cfg.out_format())
-                print(summary(result, out, sibling))
+                logfile.echo(summary(result, out, sibling))
         return 0
     finally:
         distributed.cleanup()
+
+
+# ---------------------------------------------------------------- parts=true (trainer/inference/parts.py)
+
+
+def run_parts(cfg: PredictConfig, scoring: ScoringFactory) -> int:
+    """stage=write: this task's parts; stage=all: the same, then rank 0 merges; stage=merge: the merge."""
+    folder = cfg.out_path()
+    split = shardset.load(cfg.input, cfg.split)
+    env = distributed.detect()
+    if cfg.stage == PredictStage.merge:
+        with lock.writing(folder, "predict", env):
+            logfile.attach(folder, "predict", distributed.is_main(env))
+            if distributed.is_main(env):
+                merge_parts(cfg, split, folder)
+        return 0
+    device = distributed.init(env, cfg.dist_timeout_s)
+    # the tasks of an array write disjoint parts of one folder at once, so stage=write takes no lock
+    # (as shards.build stage=write); each task logs to its own file
+    single = cfg.stage == PredictStage.all
+    tool = "predict" if single else f"predict-task-{cfg.task_index:05d}"
+    try:
+        with lock.writing(folder, "predict", env) if single else contextlib.nullcontext():
+            folder.mkdir(parents=True, exist_ok=True)
+            logfile.attach(folder, tool, distributed.is_main(env))
+            write_parts(cfg, split, folder, env.rank, env.world_size, device, scoring)
+            if single and distributed.is_main(env):
+                merge_parts(cfg, split, folder)
+            distributed.barrier()  # a rank-0 failure while merging fails every rank, not only rank 0
+        return 0
+    finally:
+        distributed.cleanup()
+
+
+def write_parts(cfg: PredictConfig, split: shardset.ShardSet, folder: Path, rank: int, world: int,
+                device: torch.device, scoring: ScoringFactory) -> None:
+    """This rank's part of this task; then only counts cross ranks, with a failure flag, so that a rank
+    that failed makes every rank of the task fail at once instead of leaving them waiting."""
+    failure: Exception | None = None
+    counts = [0, 0, 0]
+    try:
+        counts = write_part(cfg, split, folder, rank, world, device, scoring)
+    except Exception as err:  # re-raised below, after the others learnt of it
+        log.error("rank %d, %s: %s", rank, parts.stem(cfg.task_index, rank), err)  # even if the sum times out
+        failure = err
+    totals = distributed.all_sum(torch.tensor([*counts, failure is not None], dtype=torch.int64)).tolist()
+    if failure is not None:
+        raise failure
+    if totals[3]:
+        raise RunFailure(f"task {cfg.task_index}: {totals[3]} other rank(s) failed writing their parts "
+                         f"(their error is in their own output); rerun the task")
+    if rank == 0:
+        logfile.echo(f"task {cfg.task_index}/{cfg.task_count}: {totals[0]} inputs = {totals[1]} predicted + "
+                     f"{totals[2]} unreadable in {world} part(s) -> {folder}")
+
+
+def write_part(cfg: PredictConfig, split: shardset.ShardSet, folder: Path, rank: int, world: int,
+               device: torch.device, scoring: ScoringFactory) -> list[int]:
+    """(inputs, predicted, unreadable) of this (task, rank)'s part, written now or found finished."""
+    members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
+    scorer = scoring(cfg, members)
+    mine = parts.task_split(split, cfg.task_index, cfg.task_count)
+    transform = input_transform(augment_config(members[0]), cfg.tta)
+    # max_bad_fraction=1: every bad sample is listed as unreadable instead of stopping the run
+    stream = data.EvalStream(mine, transform, cfg.batch_size, rank, world, cfg.workers, 1.0, labelled=False)
+    pieces = parts.covered(stream, mine)
+    inputs = sum(p["end"] - p["first"] for p in pieces)
+    identity = {"part": parts.stem(cfg.task_index, rank), "split": split.split, "task_index": cfg.task_index,
+                "task_count": cfg.task_count, "rank": rank, "world": world, "pieces": pieces,
+                "settings": parts.settings_digest(settings(cfg, members, scorer))}
+    done = parts.finished(folder, identity)
+    if done is not None:
+        log.info("%s: finished before with the same shards, digests and settings: skipped", identity["part"])
+        return [done["inputs"], done["predicted"], done["unreadable"]]
+    seen = progress.of_ranks(f"predict task {cfg.task_index}", mine.num_samples, cfg.progress_every_s,
+                             rank == 0, world)
+    batches = seen.track(data.eval_batches(stream, cfg.workers), lambda b: len(b.labels) + len(b.bad))
+    with parts.PartWriter(folder, identity["part"], min(cfg.top_k, len(scorer.classes))) as part:
+        for rows, bad in scored(batches, scorer, cfg.top_k):
+            part.add(rows, bad)
+    record = part.finish(identity, inputs)
+    return [record["inputs"], record["predicted"], record["unreadable"]]
+
+
+def settings(cfg: PredictConfig, members: list[Member], scorer: Scoring) -> dict:
+    """What decides a part's rows: a finished part written under other settings is written again."""
+    calibration = calibration_path(cfg.bag)
+    used = cfg.calibration != "none" and calibration.is_file()
+    head = Path(cfg.head) / "head.json" if cfg.head else None
+    return {"bag": str(Path(cfg.bag).resolve()), "checkpoint": str(cfg.checkpoint), "tta": str(cfg.tta),
+            "combine": str(cfg.combine), "top_k": cfg.top_k, "classes": list(scorer.classes),
+            "members": [[m.name, m.step, m.model_name] for m in members],
+            "calibration": files.sha256_file(calibration) if used else None,
+            "head": [str(head.resolve()), files.sha256_file(head)] if head else None}
+
+
+def merge_parts(cfg: PredictConfig, split: shardset.ShardSet, folder: Path) -> None:
+    manifest = parts.merge(folder, split, str(Path(cfg.input).resolve()))
+    lines = [f"{manifest['inputs']} inputs = {manifest['predicted']} predicted + {manifest['unreadable']} "
+             f"unreadable in {len(manifest['parts'])} part(s) of {manifest['task_count']} task(s)",
+             f"{manifest['auto']} marked auto (above their class's threshold), "
+             f"{manifest['predicted'] - manifest['auto']} review", f"manifest: {folder / parts.MANIFEST}"]
+    if cfg.merge_file:
+        out = folder / default_name(cfg.out_format())
+        sibling = parts.merge_file(folder, manifest, out, cfg.out_format())
+        lines += [f"predictions: {out}", f"unreadable: {sibling}"]
+    logfile.echo("\n".join(lines))

@@ -17,6 +17,7 @@ from trainer import config as schema
 from trainer.jobs.run import run
 from trainer.runtime import distributed
 from trainer.runtime.files import atomic_write
+from trainer.tracking import identity
 
 log = logging.getLogger(__name__)
 BAG_FILE = "bag.json"
@@ -34,7 +35,17 @@ def member_config(cfg: schema.BagRunConfig, index: int) -> schema.TrainConfig:
                    bootstrap_seed=bag.seed)
     trainer = replace(cfg.trainer, seed=bag.seed * 1000 + index)
     return replace(training_part(cfg), model=model, data=data, trainer=trainer,
-                   run_dir=str(Path(cfg.run_dir) / member_name(index)))
+                   logger=member_logger(cfg, index), run_dir=str(Path(cfg.run_dir) / member_name(index)))
+
+
+def member_logger(cfg: schema.BagRunConfig, index: int) -> schema.LoggerConfig:
+    """W&B shows the bag as one group of readable runs (`<bag>/member-01`). Filled in here, before a
+    SLURM submission, so that each member's config.yaml records them (evaluate reads them back there) and
+    the experiment preset, known only to the process Hydra composed, becomes a tag of every member."""
+    bag_name = Path(cfg.run_dir).resolve().name
+    return replace(cfg.logger, group=cfg.logger.group or bag_name,
+                   name=f"{cfg.logger.name or bag_name}/{member_name(index)}",
+                   tags=list(identity.tags(identity.hydra_choice("experiment"), cfg.logger.tags)))
 
 
 def training_part(cfg: schema.TrainConfig) -> schema.TrainConfig:

@@ -4,7 +4,9 @@
 the composed config is compared with the schema, so a key appended with `+` that no dataclass
 declares fails (Hydra accepts it and `to_object` would drop it without a word), and `to_object`
 runs every `__post_init__` check. A bad command therefore exits 2 before any work, in every tool;
-Hydra's own composition errors (a misspelt key, a wrong type) exit 2 as well.
+Hydra's own composition errors (a misspelt key, a wrong type) exit 2 as well. Console log lines get a
+timestamp when stdout is not a terminal; each tool's run body adds its log file (`logfile.attach`) once
+its output folder is known.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from trainer.runtime import helptext
+from trainer.runtime import helptext, logfile
 from trainer.runtime.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, guarded
 
 # the configs are a package (conf/__init__.py) installed with the code: found from any directory
@@ -86,6 +88,7 @@ def tool(config_name: str, schema: type, body: Callable[[Any], int], doc: str | 
     @hydra.main(config_path=CONFIG_PATH, config_name=config_name, version_base="1.3")
     def hydra_main(raw: DictConfig) -> None:
         started.append(True)
+        logfile.stamp_console()  # Hydra has set the console up by now; a batch log needs the times
         code = guarded(lambda: body(judge(raw, schema)), log)
         if code == EXIT_OK and HydraConfig.get().mode == RunMode.MULTIRUN:
             return  # the sweep goes on; a failed point ends it with its code

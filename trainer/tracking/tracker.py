@@ -17,7 +17,11 @@ Two sinks, in order of trust:
   `run_dir/wandb_id.txt` so a requeued job continues the same W&B run (`resume="allow"`). Scalars are
   logged as `<split>/<key>` against a custom x-axis `global_step`, not W&B's own `step=`: that one
   drops any step below the highest seen, with only a warning, and a resumed run re-logs exactly such
-  steps (measured, wandb 0.31). Lists such as `per_class_recall` stay in metrics.jsonl only.
+  steps (measured, wandb 0.31). Lists stay in metrics.jsonl; `per_class` sends one of them (a recall
+  per class) as `<key>/<class>` scalars, or as one table above `class_scalars` classes.
+- Who the run is (project, entity, group, name, job type, tags) is decided by `identity.py` and the
+  tools; an evaluation passes a run id derived from its settings and `keep_id=False`, so it neither
+  reads nor writes the folder's `wandb_id.txt` (which may be a training run's).
 
 W&B must never stop or hang training: `init` is bounded by `init_timeout_s`, `finish` by
 `finish_timeout_s`, and any exception from wandb is logged once as a warning, after which W&B is off for
@@ -27,26 +31,26 @@ Privacy: W&B by default records the command line, every `SLURM_*` variable, git 
 console output (measured with wandb 0.31: argv and SLURM values land in the run's `.wandb` file, the
 config in `wandb/debug.log`). Any of these can hold secrets (an override like `logger.api_key=...`, a
 `git+https://token@...` requirement), so they are all switched off (`_PRIVATE`), and the config, the
-run name and the project are redacted (by key name and by value, `provenance.redact_mapping`/`redact_text`)
-before W&B sees them; `provenance.write()` records what is needed, redacted. Should a future
-wandb reject one of these settings, init fails and W&B is off: privacy fails closed.
+run's project, entity, group, name and tags, and an artifact's metadata are redacted (by key name and
+by value, `provenance.redact_mapping`/`redact_text`) before W&B sees them; `provenance.write()` records
+what is needed, redacted. Should a future wandb reject one of these settings, init fails and W&B is off:
+privacy fails closed.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
+import re
 import secrets
 import string
-import sys
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from trainer.runtime.files import atomic_write
-from trainer.tracking.provenance import redact_mapping, redact_text
+from trainer.runtime.progress import Progress
+from trainer.tracking.provenance import redact_mapping
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ SUMMARY_FILE = "summary.json"
 STEP_KEY = "global_step"
 PROGRESS_LOG_EVERY_S = 30.0  # plain progress lines in a SLURM log: often enough to see life, not a flood
 _ID_CHARS = string.ascii_lowercase + string.digits
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 # What wandb would otherwise collect on its own: argv/host/executable/SLURM_* ("meta"), git state (also
 # slow: wandb reads it before init's timeout applies), code, pip freeze, and a copy of stdout/stderr.
 # SLURM already keeps the console; provenance keeps the rest, redacted. `quiet` drops the "logged in as"
@@ -113,6 +118,21 @@ def wandb_payload(record: Mapping[str, object], step: int) -> dict[str, object]:
     return payload
 
 
+def metric_key(name: str) -> str:
+    """A class name as part of a W&B key: `/` would open a panel section and `.` a nested summary key,
+    so anything outside [A-Za-z0-9_-] becomes `_`."""
+    return _UNSAFE_KEY.sub("_", name) or "_"
+
+
+def per_class_payload(key: str, classes: Sequence[str], values: Sequence[float]) -> dict[str, object]:
+    """`{<key>/<class>: value}`; two names that clean to the same key keep apart by their class index."""
+    payload: dict[str, object] = {}
+    for index, (name, value) in enumerate(zip(classes, values)):
+        full = f"{key}/{metric_key(name)}"
+        payload[full if full not in payload else f"{full}-{index}"] = float(value)
+    return payload
+
+
 def _open_append(path: Path) -> TextIO:
     """Open for appending, line-buffered. A job killed mid-write can leave a last line without its
     newline; appending right after it would fuse two records into one unparseable line."""
@@ -152,42 +172,50 @@ class Tracker:
         run_id: str | None = None,
         init_timeout_s: float = 60.0,
         finish_timeout_s: float = 120.0,
+        entity: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        tags: Sequence[str] = (),
+        keep_id: bool = True,
+        class_scalars: int = 100,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.run_id = run_id
+        self.class_scalars = class_scalars
         self._run: Any = None
         self._file: TextIO | None = None
-        self._bar: Any = None
-        self._use_bar: bool | None = None
-        self._last_progress = -math.inf
+        self._progress: Progress | None = None  # made at the first progress() call
         self._finished = False
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = _open_append(self.run_dir / METRICS_FILE)
         if mode != "disabled":
-            self.run_id = run_id or _read_text(self.run_dir / RUN_ID_FILE) or new_run_id()
-            # Written before init: a job killed inside wandb.init must still resume the same run.
-            atomic_write(self.run_dir / RUN_ID_FILE, self.run_id + "\n")
-            self._run = self._start_wandb(mode, project, name, config, init_timeout_s, finish_timeout_s)
+            if keep_id:
+                self.run_id = run_id or _read_text(self.run_dir / RUN_ID_FILE) or new_run_id()
+                # Written before init: a job killed inside wandb.init must still resume the same run.
+                atomic_write(self.run_dir / RUN_ID_FILE, self.run_id + "\n")
+            else:
+                self.run_id = run_id or new_run_id()
+            who = {"project": project, "entity": entity, "group": group, "name": name, "job_type": job_type,
+                   "tags": list(tags) or None}
+            self._run = self._start_wandb(mode, who, config, init_timeout_s, finish_timeout_s)
 
-    def _start_wandb(
-        self, mode: Mode, project: str, name: str | None, config: dict, init_s: float, finish_s: float
-    ) -> Any:
+    def _start_wandb(self, mode: Mode, who: dict[str, Any], config: dict, init_s: float, finish_s: float
+                     ) -> Any:
         try:
             import wandb
 
             settings = wandb.Settings(
                 init_timeout=init_s, x_service_wait=init_s, finish_timeout=finish_s, **_PRIVATE
             )
-            # the name too: a URL with a password or a key in logger.name lands in the run's files
+            # names too: a URL with a password or a key in logger.name lands in the run's files
             run = wandb.init(
-                mode=mode, dir=str(self.run_dir), project=redact_text(project),
-                name=None if name is None else redact_text(name), id=self.run_id,
-                resume="allow", config=redact_mapping(config), settings=settings,
+                mode=mode, dir=str(self.run_dir), id=self.run_id, resume="allow",
+                config=redact_mapping(config), settings=settings, **redact_mapping(who),
                 # Independent of any other run in the process: we only ever call methods on `run`.
                 reinit="create_new",
             )
@@ -239,6 +267,48 @@ class Tracker:
             except Exception as exc:
                 self._wandb_failed("summary", exc)
 
+    def per_class(self, key: str, classes: Sequence[str], values: Sequence[float], step: int) -> None:
+        """`values[i]` of `classes[i]` to W&B: scalars `<key>/<class>` up to `class_scalars` classes (a
+        chart per class across steps, comparable between the runs of a group), else one table per call.
+        The caller has already put the list into metrics.jsonl with `log`."""
+        if self._run is None:
+            return
+        if len(classes) <= self.class_scalars:
+            self.log_wandb(lambda wandb: per_class_payload(key, classes, values), step)
+            return
+        # None, not NaN, for a class without samples: a table column holds one type
+        rows = [[c, None if math.isnan(v) else float(v)] for c, v in zip(classes, values)]
+        self.log_wandb(lambda wandb: {key: wandb.Table(columns=["class", "value"], data=rows)}, step)
+
+    def log_wandb(self, build: Callable[[Any], Mapping[str, object]], step: int) -> None:
+        """W&B-only objects (images from arrays, tables, custom charts): `build(wandb)` returns them,
+        logged at `step` on the `global_step` axis. Not called at all without a W&B run, so building is
+        free when logger.mode=disabled; any exception turns W&B off like every other W&B failure."""
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            self._run.log({STEP_KEY: step, **build(wandb)})
+        except Exception as exc:
+            self._wandb_failed("log", exc)
+
+    def log_artifact(self, name: str, kind: str, files: Sequence[Path], metadata: Mapping[str, object],
+                     aliases: Sequence[str] = ()) -> None:
+        """`files` as one W&B artifact. wandb copies them into its staging folder (WANDB_DATA_DIR) at
+        once, so an offline run can be synced later even if the files have changed since."""
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name, type=kind, metadata=redact_mapping(dict(metadata)))
+            for path in files:
+                artifact.add_file(str(path))
+            self._run.log_artifact(artifact, aliases=list(aliases) or None)
+        except Exception as exc:
+            self._wandb_failed("artifact", exc)
+
     def media(self, images: Mapping[str, Path], tables: Mapping[str, tuple[list[str], list[list]]],
               step: int) -> None:
         """Figures (PNG files already on disk) and tables to W&B; nothing to do without a W&B run."""
@@ -255,36 +325,22 @@ class Tracker:
         except Exception as exc:
             self._wandb_failed("media", exc)
 
-    def progress(self, step: int, total: int, text: str = "") -> None:
-        """A tqdm bar on a terminal, else an INFO line at most every PROGRESS_LOG_EVERY_S seconds."""
+    def progress(self, step: int, total: int, text: str = "", every_s: float = PROGRESS_LOG_EVERY_S) -> None:
+        """A tqdm bar on a terminal, else an INFO line (time, rate, ETA) at most every `every_s` seconds
+        and at the last step (`trainer.runtime.progress`). The rate counts from the first call."""
         if not self.is_main or self._finished:
             return
-        if self._use_bar is None:
-            self._use_bar = sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
-        if self._use_bar:
-            self._update_bar(step, total, text)
-            return
-        now = time.monotonic()
-        if step >= total or now - self._last_progress >= PROGRESS_LOG_EVERY_S:
-            self._last_progress = now
-            log.info("step %d/%d %s", step, total, text)
-
-    def _update_bar(self, step: int, total: int, text: str) -> None:
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, initial=step, dynamic_ncols=True, file=sys.stderr)
-        self._bar.total = total
-        self._bar.set_postfix_str(text, refresh=False)
-        self._bar.update(step - self._bar.n)  # update() keeps tqdm's own redraw throttling
+        if self._progress is None:
+            self._progress = Progress("step", total, every_s=every_s, unit="step", start=None, logger=log)
+        self._progress.update(step, text, total=total)
 
     def finish(self, exit_code: int = 0) -> None:
         """Close metrics.jsonl and the W&B run (with `exit_code`). Idempotent, never raises for W&B."""
         if self._finished:
             return
         self._finished = True
-        if self._bar is not None:
-            self._bar.close()
+        if self._progress is not None:
+            self._progress.close()
         if self._file is not None:
             self._file.close()
             self._file = None
