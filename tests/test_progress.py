@@ -271,3 +271,14 @@ def test_predict_writes_its_log_with_progress_and_the_result(trained, tmp_path):
     assert len(progress) == 6 and all(ETA.search(line) for line in progress[:-1]), text
     assert "done in" in progress[-1]
     assert any("24 inputs = 24 predicted + 0 unreadable" in line for line in lines)  # the result too
+
+
+def test_a_warning_reaches_the_log_when_another_tool_is_still_attached(tmp_path):
+    """Seen in the full suite: an in-process tool of an earlier test stays attached (until the process
+    ends), then `pytest.warns` (a `catch_warnings` block) put the plain display back; the next attach did
+    not hook again, so the warning missed the new log file."""
+    logfile.attach(tmp_path / "a", "features", main=True)  # another tool, left attached
+    with pytest.warns(UserWarning, match="while another tool"):
+        with logfile.attach(tmp_path / "b", "evaluate", main=True):
+            warnings.warn("while another tool is attached", UserWarning, stacklevel=1)
+    assert "while another tool is attached" in (tmp_path / "b" / "evaluate.log").read_text()

@@ -148,8 +148,10 @@ def _end_torn_line(path: Path) -> None:
 
 
 def _hook_warnings() -> None:
+    """Our hook in front of whatever displays warnings now; again if someone restored the display since
+    (a `warnings.catch_warnings` block ending puts back what it found, which drops our hook)."""
     global _show_warning
-    if _show_warning is None:
+    if warnings.showwarning is not _show_and_record:
         _show_warning = warnings.showwarning
         warnings.showwarning = _show_and_record
 
