@@ -225,10 +225,11 @@ class TestDryRunWithoutTheCluster:
         bag = bag.resolve()
         assert "#SBATCH --array=0-1%2" in done.stdout and "#SBATCH --requeue" in done.stdout
         assert f"--output {bag}/slurm/%A_%a_%t_log.out" in done.stdout
-        assert f"task 0: run_dir={bag}/member-00 data.bootstrap_member=0 model.name=resnet18 trainer.seed=0" \
-            in done.stdout
-        assert f"task 1: run_dir={bag}/member-01 data.bootstrap_member=1 model.name=mobilenet_v3_small " \
-            "trainer.seed=1" in done.stdout
+        # each member's readable W&B name travels with it (trainer/jobs/bag.py)
+        assert f"task 0: run_dir={bag}/member-00 data.bootstrap_member=0 logger.name=bag/member-00 " \
+            "model.name=resnet18 trainer.seed=0" in done.stdout
+        assert f"task 1: run_dir={bag}/member-01 data.bootstrap_member=1 logger.name=bag/member-01 " \
+            "model.name=mobilenet_v3_small trainer.seed=1" in done.stdout
         assert not bag.exists()  # no bag.json, no Submitit files
 
     def test_a_sweep_prints_the_array_script_and_each_points_run(self, shards, tmp_path):
