@@ -262,8 +262,10 @@ def split_record(split: ShardSet, rows: Rows, path: Path) -> dict:
 # ---------------------------------------------------------------- the export
 
 
-def export(cfg: FeaturesConfig, rank: int, world: int, device: torch.device) -> dict | None:
-    """Every split in order; rank 0 writes and returns the description (features.json), others None."""
+def prepare(cfg: FeaturesConfig, device: torch.device
+            ) -> tuple[list[ShardSet], list[Member], list[str], list[str], Path, dict]:
+    """What both exports start from: the splits, the checked members, native names, classes, the output
+    folder (its log attached only after the checks, so a bad command leaves no folder) and the record."""
     splits = load_splits(cfg)
     members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
     check_setup(cfg, members, splits)
@@ -273,6 +275,12 @@ def export(cfg: FeaturesConfig, rank: int, world: int, device: torch.device) -> 
     classes = list(splits[0].classes)
     out = cfg.out_dir()
     record = describe(cfg, members, classes, names)
+    return splits, members, names, classes, out, record
+
+
+def export(cfg: FeaturesConfig, rank: int, world: int, device: torch.device) -> dict | None:
+    """Every split in order; rank 0 writes and returns the description (features.json), others None."""
+    splits, members, names, classes, out, record = prepare(cfg, device)
     pcas: dict = {}
     for split in splits:
         rows = gather(embed_split(split, members, cfg, names, rank, world, device), rank, world)
@@ -337,15 +345,7 @@ def run(cfg: FeaturesConfig) -> int:
 def export_parts(cfg: FeaturesConfig, rank: int, world: int, device: torch.device) -> dict | None:
     """Every split in order, each rank writing its rows as files of about `part_rows` rows into
     `features-<split>/`; rank 0 learns counts only and writes features.json listing the files."""
-    splits = load_splits(cfg)
-    members = load_bag(cfg.bag, cfg.members, cfg.checkpoint, device)
-    check_setup(cfg, members, splits)
-    logfile.attach(cfg.out_dir(), "features", distributed.is_main())  # after the checks: a bad command
-    # leaves no folder behind
-    names = list(read_info(splits[0].root).features)
-    classes = list(splits[0].classes)
-    out = cfg.out_dir()
-    record = describe(cfg, members, classes, names)
+    splits, members, names, classes, out, record = prepare(cfg, device)
     dims = member_dims(members)
     record["dims"] = {CONCAT: sum(dims.values())} if cfg.mode == "concat" else dims
     if distributed.is_main():
