@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---:|" * (len(FIELDS) + 1))
     print("| " + " | ".join(f"{mean[k] * 1e6:.0f}" if k != "faults" else f"{mean[k]:.0f}" for k in FIELDS)
           + f" | {1 - mean['prepare'] / mean['busy']:.3f} |")
-    print(f"\nloader: {statistics.median(rates):.1f} images/s (median of {len(rates)} epochs, worker start "
-          "included); overhead = 1 - prepare / busy")
+    print(f"\nloader: {statistics.median(rates):.1f} images/s (median of {len(rates)} epochs, the first "
+          "with the workers' start); overhead = 1 - prepare / busy")
 
 
 if __name__ == "__main__":

@@ -37,11 +37,17 @@ Python containers/scalars (see trainer/rng.py and the LambdaLR note in trainer/s
 save rather than at resume time.
 
 `save()` does no collectives: the caller puts a barrier after it before any rank reads the directory.
+`save(background=True)` copies the state's tensors to CPU memory and leaves the rest (serialising,
+hashing, the writes and their fsyncs, the best link, pruning) to one thread, so a run trains on while
+its checkpoint goes to disk; one save at a time, in order: the next `save()` and `wait()` first wait
+for it and raise its error (a WriteError names the path). The files and their order are those of a
+synchronous save, so everything above holds whenever the process is killed.
 What a training state holds, and its format version, is `trainer/state.py`'s business: this module
 stores and verifies any such dict.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -51,6 +57,7 @@ import operator
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -256,6 +263,31 @@ def _write_marked(pt: Path, data: memoryview, sha256: str, record: dict[str, Any
     atomic_write(marker, json.dumps(new))
 
 
+def _cpu_copy(value: Any, spare: Any = None) -> Any:
+    """`value` with every tensor copied to CPU memory and every container rebuilt (a state_dict keeps its
+    class and `_metadata`): what a background save writes while the caller changes the originals in
+    place (the next optimizer step). Tensors that shared storage are copied apart: the same values.
+
+    `spare`, the last save's copy (written already), lends its tensors where shape, dtype and strides
+    agree: copying into memory in use takes half the time of fresh memory (its page faults), on the
+    critical path of every epoch."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if (isinstance(spare, torch.Tensor) and spare.shape == value.shape and spare.dtype == value.dtype
+                and spare.stride() == value.stride() and spare.device.type == "cpu"):
+            return spare.copy_(value)
+        return value.to("cpu", copy=True)
+    if isinstance(value, dict):
+        out = copy.copy(value)
+        for key, item in value.items():
+            out[key] = _cpu_copy(item, spare.get(key) if isinstance(spare, dict) else None)
+        return out
+    if type(value) in (list, tuple):
+        spares = spare if type(spare) is type(value) and len(spare) == len(value) else [None] * len(value)
+        return type(value)(_cpu_copy(item, other) for item, other in zip(value, spares))
+    return value  # numbers, strings, None: immutable
+
+
 def _check_step(step: int) -> int:
     if isinstance(step, bool):
         raise TypeError("step must be an int, got bool")
@@ -278,6 +310,9 @@ class Checkpointer:
         self.keep_last = keep_last
         self.is_main = is_main
         self._verified = False
+        self._writing: threading.Thread | None = None  # the background save in progress
+        self._failure: BaseException | None = None     # its error, raised by the next wait()
+        self._spare: dict[str, Any] | None = None         # its state copy, memory for the next one
         if is_main:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._best = self._read_best()
@@ -422,15 +457,50 @@ class Checkpointer:
         return data
 
     def save(
-        self, state: dict[str, Any], step: int, metric: float | None = None, higher_is_better: bool = True
+        self, state: dict[str, Any], step: int, metric: float | None = None, higher_is_better: bool = True,
+        background: bool = False,
     ) -> Path | None:
-        """Write `state` as checkpoint `step`, and as best.pt if `metric` improves; None off the main rank."""
+        """Write `state` as checkpoint `step`, and as best.pt if `metric` improves; None off the main rank.
+
+        `background`: returns once the tensors are copied; the file is on disk after `wait()`."""
         if not self.is_main:
             return None
         step = _check_step(step)
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         metric = None if metric is None else float(metric)
+        self.wait()  # the previous save first: the steps reach the disk in order, and its error surfaces
+        if not background:
+            return self._write(state, step, metric, higher_is_better)
+        # the last copy is free now (written): the next save would wait for this one before reusing it
+        self._spare = _cpu_copy(state, self._spare)
+        args = (self._spare, step, metric, higher_is_better)
+        # not a daemon: an interpreter that exits (or fails) with a save under way finishes it first
+        self._writing = threading.Thread(target=self._write_or_keep_failure, args=args,
+                                         name=f"checkpoint-{step}")
+        self._writing.start()
+        return self._step_path(step)
+
+    def wait(self) -> None:
+        """Returns when the background save, if any, is on disk; raises its error (once)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.join()
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def improves(self, metric: float, higher_is_better: bool = True) -> bool:
+        """Whether `metric` would become the best (compared with the best written so far)."""
+        return self._improves(float(metric), higher_is_better)
+
+    def _write_or_keep_failure(self, *args: Any) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:  # the thread's end: wait() raises it in the caller's thread
+            self._failure = e
+
+    def _write(self, state: dict[str, Any], step: int, metric: float | None, higher_is_better: bool) -> Path:
         data = self._serialize(state)
         sha256 = hashlib.sha256(data).hexdigest()
         newer = [s for s in self._complete_steps() if s > step]

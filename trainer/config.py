@@ -172,6 +172,9 @@ class LoaderConfig:
     workers: int = 4        # DataLoader processes per rank; 0 reads in the training process
     prefetch: int = 2       # batches queued per worker (DALI: per pipeline)
     pin_memory: bool = True
+    # workers (training and validation) that live for the whole run, told each epoch where to start;
+    # false: new ones forked, started and joined every epoch and every validation (the old behaviour)
+    persistent_workers: bool = True
     dali: DaliConfig = field(default_factory=DaliConfig)
 
     def __post_init__(self) -> None:
@@ -255,6 +258,15 @@ class TrainerConfig:
     eval_every: int = 1             # epochs between validations (and best-checkpoint updates)
     keep_last: int = 3              # checkpoints kept besides best
     checkpoint_every: int | None = None  # extra checkpoints every N steps; null: at epoch ends only
+    # an epoch end saves only once this many seconds passed since the last save (Lightning's
+    # train_time_interval), for epochs of seconds; the last epoch, a better best metric and a stop
+    # always save. null: every epoch end saves, as in timm and Lightning
+    checkpoint_every_s: float | None = None
+    # epoch-end and checkpoint_every saves: tensors copied to CPU memory, then serialised, written,
+    # fsynced and linked by a background thread while training goes on; a stop, the last save and the
+    # next save wait for it, and its write error fails the run; the CPU copy is kept for the next one
+    # (memory the size of a checkpoint). false: every save on the critical path
+    checkpoint_async: bool = True
     stop_at_step: int | None = None  # checkpoint and exit as if preempted after this step (time-boxed chunks)
     signals: list[str] = field(default_factory=lambda: ["SIGUSR2", "SIGTERM"])  # set the stop flag
     dist_timeout_s: float = 300.0   # collectives; well below NCCL's 10 min and gloo's 30 min
@@ -267,6 +279,8 @@ class TrainerConfig:
         require(self.eval_every > 0, "trainer.eval_every", "must be > 0")
         require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
         require(self.checkpoint_every is None or self.checkpoint_every > 0, "trainer.checkpoint_every",
+                "must be > 0 or null")
+        require(self.checkpoint_every_s is None or self.checkpoint_every_s > 0, "trainer.checkpoint_every_s",
                 "must be > 0 or null")
         require(self.stop_at_step is None or self.stop_at_step > 0, "trainer.stop_at_step", "must be > 0")
         require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0")

@@ -54,6 +54,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.tracker: Tracker | None = None
         self.run_lock: lock.FolderLock | None = None  # taken in _setup, on the main rank
+        # built in _setup (the validation loader at the first evaluation); close() ends what exists
+        self.loader: data.ShardLoader | data.SyntheticLoader | GpuDecodeLoader | DaliLoader | None = None
+        self.val_loader: data.PassLoader | None = None
+        self.checkpoints: checkpoint.Checkpointer | None = None
         self.stop = StopFlag(cfg.trainer.signals)  # first, so an early signal is not lost
         self._owns_group = not distributed.initialized()  # else a bag's launch owns it
         try:
@@ -86,6 +90,7 @@ class Trainer:
                                                    is_main=self.main)
         self.step, self.epoch, self.position = 0, 0, EpochPosition()
         self.epoch_bad: list[data.BadRecord] = []
+        self._saved_at = time.monotonic()  # trainer.checkpoint_every_s counts from here, then each save
         wandb_id = self._resume()
         self.start_step = self.step
         self._start_tracker(wandb_id)
@@ -139,9 +144,10 @@ class Trainer:
         stream = (RawStream if gpu_decode else data.TrainStream)(
             train_set, train_transform(self.aug), stream_cfg, env.rank, env.world_size, cfg.loader.workers,
             self.steps_per_epoch * accum)
-        workers, pin, prefetch = cfg.loader.workers, self._pin(), cfg.loader.prefetch
-        self.loader = (GpuDecodeLoader(stream, workers, self.device, pin, prefetch) if gpu_decode
-                       else data.ShardLoader(stream, workers, pin, prefetch))
+        workers, pin, prefetch, keep = cfg.loader.workers, self._pin(), cfg.loader.prefetch, \
+            cfg.loader.persistent_workers
+        self.loader = (GpuDecodeLoader(stream, workers, self.device, pin, prefetch, keep) if gpu_decode
+                       else data.ShardLoader(stream, workers, pin, prefetch, keep))
 
     def _warn_rare_classes(self) -> None:
         """Once, at start: classes that validation never measures, and classes the loss settings weigh
@@ -289,14 +295,17 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to `total_steps`; returns 0, or EXIT_PREEMPTED after checkpointing on a stop."""
-        while self.step < self.total_steps:
-            status = self._train_epoch()
-            if status == Status.STOP:
-                self._save(metric=None)
-                log.info("stopped at step %d (%s): checkpoint written, exit %d", self.step,
-                         self.stop.received or "trainer.stop_at_step", EXIT_PREEMPTED)
-                return EXIT_PREEMPTED
-            self._end_epoch()
+        try:
+            while self.step < self.total_steps:
+                status = self._train_epoch()
+                if status == Status.STOP:
+                    self._save(metric=None)
+                    log.info("stopped at step %d (%s): checkpoint written, exit %d", self.step,
+                             self.stop.received or "trainer.stop_at_step", EXIT_PREEMPTED)
+                    return EXIT_PREEMPTED
+                self._end_epoch()
+        finally:
+            self._close_loaders()  # the workers live across epochs (loader.persistent_workers): end them
         self.tracker.summary({"step": self.step, **self._checkpoint_usage(),
                               **{f"recipe/{k}": v for k, v in self.recipe.items()}})
         return 0
@@ -318,9 +327,11 @@ class Trainer:
                 if self.step % self.cfg.trainer.log_every == 0 or self.step == self.total_steps:
                     self._log_train(meter)
                 if self.cfg.trainer.checkpoint_every and self.step % self.cfg.trainer.checkpoint_every == 0:
-                    self._save(metric=None)
+                    self._save(metric=None, wait=False)
         finally:
-            batches.close()  # shuts the epoch's DataLoader workers down on every path
+            # ends the epoch on every path; its workers stay for the next unless loader.persistent_workers
+            # is false (fit() and close() end them)
+            batches.close()
         return Status.RUN
 
     def _next_step(self, batches: Iterator[Batch], accum: int, meter: _Meter) -> tuple[Status, list[Batch]]:
@@ -412,19 +423,34 @@ class Trainer:
             metric = self.evaluate()["top1"]
         self.epoch += 1
         self.position = EpochPosition()
-        self._save(metric)
+        if self._epoch_save_due(metric, last):
+            self._save(metric, wait=last)  # the run's last save is on disk when fit() returns
+
+    def _epoch_save_due(self, metric: float | None, last: bool) -> bool:
+        """Whether this epoch end saves: always, unless `trainer.checkpoint_every_s` spaces the saves out
+        (epochs of seconds); then the last epoch and a better best metric still save, and a stop saves
+        in fit(). Rank 0's clock and best record decide for every rank, as `_save` gathers from all."""
+        every = self.cfg.trainer.checkpoint_every_s
+        if every is None or last:
+            return True
+        due = self.main and (time.monotonic() - self._saved_at >= every
+                             or (metric is not None and self.checkpoints.improves(metric)))
+        return distributed.all_sum(torch.tensor([float(due)], device=self.device)).item() > 0
 
     # ------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Every validation sample once across ranks; metrics summed with one all_reduce."""
-        stream = data.EvalStream(self.val_set, eval_transform(self.aug), self.cfg.loader.batch_size,
-                                 self.env.rank, self.env.world_size, self.cfg.loader.workers,
-                                 self.cfg.data.max_bad_fraction)
+        if self.val_loader is None:  # one for the run: every evaluation reads the same batches
+            stream = data.EvalStream(self.val_set, eval_transform(self.aug), self.cfg.loader.batch_size,
+                                     self.env.rank, self.env.world_size, self.cfg.loader.workers,
+                                     self.cfg.data.max_bad_fraction)
+            self.val_loader = data.PassLoader(stream, self.cfg.loader.workers, self._pin(),
+                                              persistent=self.cfg.loader.persistent_workers)
         state, bad = MetricState(len(self.classes), self.device), 0
         self.net.eval()
-        for batch in data.eval_batches(stream, self.cfg.loader.workers, self._pin()):
+        for batch in self.val_loader:
             bad += len(batch.bad)
             if len(batch.labels):
                 with _autocast(self.precision, self.device):
@@ -445,8 +471,9 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def _save(self, metric: float | None) -> None:
-        """Every rank contributes its data position and RNG states; rank 0 writes."""
+    def _save(self, metric: float | None, wait: bool = True) -> None:
+        """Every rank contributes its data position and RNG states; rank 0 writes. Unless `wait`, in the
+        background with `trainer.checkpoint_async` (on disk by the next save or the end of the run)."""
         zeros = [0] * self.workers  # no batch taken yet in this epoch
         mine = {"batches": self.position.batches, "offset": self.position.offset,
                 "worker_batches": self.position.worker_batches or zeros,
@@ -469,8 +496,11 @@ class Trainer:
             config=self.config_dict,
             recipe=self.recipe,
         )
-        self.checkpoints.save(state.to_dict(), self.step, metric=metric)
-        distributed.barrier()  # nobody exits (or is killed) before rank 0 has the file on disk
+        background = self.cfg.trainer.checkpoint_async and not wait
+        self.checkpoints.save(state.to_dict(), self.step, metric=metric, background=background)
+        self._saved_at = time.monotonic()
+        if not background:
+            distributed.barrier()  # nobody exits (or is killed) before rank 0 has the file on disk
 
     def _checkpoint_usage(self) -> dict:
         """The disk use of run_dir/checkpoints at the end of the run: one log line, and the summary's key."""
@@ -482,7 +512,24 @@ class Trainer:
                  self.cfg.trainer.keep_last)
         return {"checkpoint_bytes": size}
 
+    def _close_loaders(self) -> None:
+        for loader in (self.loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
+    def _finish_checkpoint(self) -> None:
+        """A background save still under way finishes before the run ends (it may be what a requeue
+        resumes from); an error of it after the run failed otherwise is logged, not raised over that."""
+        if self.checkpoints is None:
+            return
+        try:
+            self.checkpoints.wait()
+        except Exception as err:
+            log.error("the background checkpoint write failed too: %s", err)
+
     def close(self, exit_code: int = 0) -> None:
+        self._close_loaders()  # every path out of a run, a failed setup included: no worker outlives it
+        self._finish_checkpoint()  # before the lock goes: a next job would clean up its temporaries
         if self.tracker is not None:
             self.tracker.finish(exit_code)
         if self.run_lock is not None:

@@ -116,6 +116,10 @@ class DaliLoader:
                                 "`python -m shards.verify decode=true`") from err
             yield Batch(self._images(images), self._labels(cls), (), 0, (i + 1) * self.batch_size)
 
+    def close(self) -> None:
+        """Drops the pipeline (its reader and decoder threads); the next `epoch()` builds a new one."""
+        self.pipe = None
+
     def _images(self, images) -> torch.Tensor:
         if self.options.device == "gpu":
             from nvidia.dali.plugin.pytorch import feed_ndarray

@@ -117,8 +117,8 @@ class GpuDecodeLoader:
     """`epoch(e, position)` -> exactly `batches_per_epoch` batches, already on `device`."""
 
     def __init__(self, stream: RawStream, workers: int, device: torch.device | str,
-                 pin_memory: bool = False, prefetch: int = 2) -> None:
-        self.inner = ShardLoader(stream, workers, pin_memory, prefetch)
+                 pin_memory: bool = False, prefetch: int = 2, persistent: bool = True) -> None:
+        self.inner = ShardLoader(stream, workers, pin_memory, prefetch, persistent)
         self.transform: Callable[[Tensor], Tensor] = stream.transform
         self.device = torch.device(device)
         self.shards, self.max_bad = stream.shards, stream.cfg.max_bad_fraction
@@ -128,6 +128,9 @@ class GpuDecodeLoader:
         counter = BadCounter(self.shards, self.max_bad)
         for raw in self.inner.epoch(epoch, position):
             yield self.finish(raw, counter)
+
+    def close(self) -> None:
+        self.inner.close()
 
     def finish(self, raw: RawBatch, counter: BadCounter) -> Batch:
         size = len(raw.labels)

@@ -2,7 +2,8 @@
 
 The contract every backend keeps (`webdataset` here, `synthetic` below, DALI later):
 `loader.batches_per_epoch` is the same on every rank, and `loader.epoch(e, position)` yields exactly
-that many (train) `Batch`es of uint8 images [B, 3, H, W] and int64 labels.
+that many (train) `Batch`es of uint8 images [B, 3, H, W] and int64 labels; `loader.close()` ends its
+workers (persistent across epochs here: `PassLoader`) and is called on every path out of a run.
 
 How equal steps are guaranteed whatever the shard sizes (the top WebDataset complaint is DDP hanging
 at epoch end because ranks got different numbers of batches):
@@ -399,16 +400,31 @@ class TrainStream(IterableDataset):
         if len(self.pieces) < slots and shardset.num_samples < slots:  # no cut can help
             raise DataError(f"{shardset.num_samples} training samples cannot give each of {slots} readers "
                             "(ranks x loader.workers) one sample: use fewer loader.workers")
+        # Where the next pass starts: [epoch, batches, offset, worker_batches.., worker_consumed..] in
+        # shared memory. Persistent DataLoader workers (`PassLoader`) hold the copy of this stream made
+        # when they were forked, so attributes set later never reach them; these pages do (fork: the
+        # same memory), and each worker reads them when the DataLoader starts it on a pass, after
+        # `set_epoch` wrote them (the start travels through a queue, so the write is seen).
+        self._start = torch.zeros(3 + 2 * self.workers, dtype=torch.int64).share_memory_()
         self.set_epoch(0, None)  # deals the pieces: too few for the readers is an error here, at start
 
     def set_epoch(self, epoch: int, position: EpochPosition | None) -> None:
-        self.epoch = epoch
-        self.position = position or EpochPosition()
-        order = shard_order(len(self.pieces), self.cfg.seed, epoch)
+        pos, zeros = position or EpochPosition(), [0] * self.workers
+        self._start.copy_(torch.tensor([epoch, pos.batches, pos.offset, *(pos.worker_batches or zeros),
+                                        *(pos.worker_consumed or zeros)], dtype=torch.int64))
+        self._follow()
+
+    def _follow(self) -> None:
+        """This process's epoch, position and deal, from the shared start (`set_epoch`)."""
+        start, w = self._start.tolist(), self.workers
+        self.epoch = start[0]
+        self.position = EpochPosition(start[1], start[2], start[3:3 + w], start[3 + w:])
+        order = shard_order(len(self.pieces), self.cfg.seed, self.epoch)
         dealt = deal([p.num_samples for p in self.pieces], order, self.world * self.workers)
         self.slots = dealt[self.rank * self.workers:(self.rank + 1) * self.workers]
 
     def __iter__(self) -> Iterator[Batch]:
+        self._follow()  # a persistent worker learns the pass's epoch and position here
         info = get_worker_info()
         running = info.num_workers if info else 1
         if running != self.workers:
@@ -602,35 +618,75 @@ def _quiet_worker(_: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _loader(dataset: IterableDataset, workers: int, pin_memory: bool, prefetch: int) -> DataLoader:
+def _loader(dataset: IterableDataset, workers: int, pin_memory: bool, prefetch: int,
+            persistent: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       worker_init_fn=_quiet_worker if workers else None,
-                      prefetch_factor=prefetch if workers else None, persistent_workers=False,
+                      prefetch_factor=prefetch if workers else None, persistent_workers=persistent,
                       # its own generator: creating an epoch's iterator must not consume the global
                       # RNG, or a resumed run's dropout stream would differ from the uninterrupted one
                       generator=torch.Generator(),
                       multiprocessing_context="fork" if workers else None)
 
 
+class PassLoader:
+    """One DataLoader for every pass over an iterable stream (`iter()` starts a pass), and `close()`.
+
+    With `persistent` and workers, the worker processes live from the first pass to `close()`: each
+    pass restarts them on the stream (torch's `persistent_workers`) instead of forking, starting and
+    joining new ones, a fixed cost per epoch (issue 18; benchmarks/epoch_overhead.py). A stream whose
+    passes differ (the training epochs) tells its workers through shared memory (`TrainStream.set_epoch`);
+    one pass at a time: a new pass drops what the last one had not delivered. Without `persistent`,
+    every pass has its own workers, gone when its iterator is (the behaviour before)."""
+
+    def __init__(self, dataset: IterableDataset, workers: int, pin_memory: bool = False, prefetch: int = 2,
+                 persistent: bool = True) -> None:
+        self.dataset, self.workers, self.pin_memory, self.prefetch = dataset, workers, pin_memory, prefetch
+        self.persistent = persistent and workers > 0
+        self._loader: DataLoader | None = None
+        self._iterator: Iterator | None = None
+
+    def __iter__(self) -> Iterator:
+        if not self.persistent:
+            return iter(_loader(self.dataset, self.workers, self.pin_memory, self.prefetch))
+        if self._loader is None:
+            self._loader = _loader(self.dataset, self.workers, self.pin_memory, self.prefetch, True)
+        self._iterator = iter(self._loader)  # the same iterator every pass, its workers restarted
+        return self._iterator
+
+    def close(self) -> None:
+        """Ends the persistent workers now (idempotent). torch has no public call for it: they end when
+        the iterator is collected, which an exception's traceback holding a frame can put off past the
+        run; `_shutdown_workers` is that collection's own method (asked for, not assumed)."""
+        iterator, self._iterator, self._loader = self._iterator, None, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 class ShardLoader:
-    """The webdataset backend: `epoch(e, position)` -> exactly `batches_per_epoch` training batches."""
+    """The webdataset backend: `epoch(e, position)` -> exactly `batches_per_epoch` training batches.
+
+    One epoch at a time (the next `epoch()` call restarts the workers); `close()` ends them."""
 
     def __init__(self, stream: TrainStream, workers: int, pin_memory: bool = False,
-                 prefetch: int = 2) -> None:
+                 prefetch: int = 2, persistent: bool = True) -> None:
         self.stream, self.workers = stream, workers
-        self.pin_memory, self.prefetch = pin_memory, prefetch
         self.batches_per_epoch = stream.batches_per_epoch
+        self.passes = PassLoader(stream, workers, pin_memory, prefetch, persistent)
 
     def epoch(self, epoch: int, position: EpochPosition | None = None) -> Iterator[Batch]:
-        self.stream.set_epoch(epoch, position)
-        loader = _loader(self.stream, self.workers, self.pin_memory, self.prefetch)
+        self.stream.set_epoch(epoch, position)  # before the pass starts: its workers read it then
         remaining = self.batches_per_epoch - (position.batches if position else 0)
         count = 0
-        for batch in loader:
+        for batch in self.passes:
             count += 1
             yield batch
         if count != remaining:  # the contract is the whole point: fail loudly rather than hang a peer
             raise DataError(f"epoch {epoch}: loader gave {count} batches, expected {remaining}")
+
+    def close(self) -> None:
+        self.passes.close()
 
 
 def eval_batches(stream: EvalStream, workers: int, pin_memory: bool = False) -> Iterator[Batch]:
@@ -653,3 +709,6 @@ class SyntheticLoader:
         start = position.batches if position else 0
         for i in range(start, self.batches_per_epoch):
             yield Batch(self.images, self.labels, (), 0, (i + 1) * len(self.labels))
+
+    def close(self) -> None:
+        """Nothing to end: the contract's `close()` (workers, pipelines) for the other backends."""
