@@ -106,10 +106,19 @@ class DemoSource(LabelledSource):
     root: str = "~/.cache/taxotrain/demo-mnist"
 
 
+class SplitMethod(Choice):
+    # exact fractions per class: sorts each class's keys by hash, so it needs every item of the class
+    stratified = "stratified"
+    # a threshold on each key's own hash: no other item is needed, so array tasks that each list a share,
+    # and later increments, all put one key in the same split (fractions then hold on average)
+    key_hash = "key_hash"
+
+
 @dataclass
 class SplitConfig:
     val: float = 0.1
     test: float = 0.1
+    method: SplitMethod = SplitMethod.stratified  # stratified | key_hash (partition=true needs key_hash)
 
     def __post_init__(self) -> None:
         require(0.0 <= self.val < 1.0, "split.val", f"must be in [0, 1), got {self.val}")
@@ -156,6 +165,13 @@ class ShardConfig:
     task_index: int = 0
     task_count: int = 1
     stage: Stage = Stage.all
+    # streaming build: each task lists only its share of the inputs (by key hash), plans, shuffles and
+    # writes its own shards (SPLIT-pTTTT-NNNNNN.tar) and a task record; finalize merges the records.
+    # Memory is bounded by the share, not the collection. Needs split.method=key_hash.
+    partition: bool = False
+    # add a batch of new objects (e.g. 2026-12) to a finished partitioned set as new shards
+    # (SPLIT-NAME-pTTTT-NNNNNN.tar); old shards are not rewritten and old keys keep their split
+    increment: str | None = None
     progress: bool | None = None  # a bar; None = when stderr is a terminal, else timed lines; false: none
     progress_every_s: float = 30.0  # seconds between progress lines (count, rate, ETA) without a bar; 0: none
 
@@ -168,6 +184,13 @@ class ShardConfig:
                 f"must be in [0, task_count={self.task_count}), got {self.task_index}")
         require(self.progress_every_s >= 0, "progress_every_s",
                 f"must be >= 0 (0: no progress lines), got {self.progress_every_s}")
+        require(not self.partition or self.split.method == SplitMethod.key_hash, "split.method",
+                "partition=true needs split.method=key_hash: a per-class split needs every item of a "
+                "class in one process, which a partitioned build never has")
+        require(self.increment is None or self.partition, "increment",
+                "an increment is added to a partitioned set: set partition=true (and split.method=key_hash)")
+        require(self.increment is None or _SPLIT_NAME.fullmatch(self.increment) is not None, "increment",
+                f"{self.increment!r} names shards: letters, digits, _ or - only")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from dataclasses import dataclass
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -42,3 +43,21 @@ def stable_hash(*parts: object) -> int:
     """Deterministic across processes and Python versions (unlike `hash()`)."""
     text = "\x1f".join(str(p) for p in parts).encode("utf-8")
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True)
+class Part:
+    """The share of the inputs that one array task of a partitioned build lists (`partition=true`).
+
+    Taken by key hash, not by position: two rows of one id land in the same task, whose duplicate
+    check sees both, and each task's share is a uniform sample of the collection (every class in the
+    proportion it has overall), so a shard cut from one share is as mixed as one cut from the whole."""
+
+    index: int = 0
+    count: int = 1
+
+    def takes(self, key: str) -> bool:
+        return self.count == 1 or stable_hash("partition", key) % self.count == self.index
+
+
+WHOLE = Part()  # every input: a build that is not partitioned

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from shards.ecotaxa import STATUSES
 from shards.info import INFO
-from shards.items import SPLITS, Collection, Reject, class_of
-from shards.plan import ShardPlan
+from shards.items import SPLITS, Reject
+from shards.listing import Listing
 from shards.writer import PARTS, ShardResult, atomic_write, index_name
 from trainer.runtime.exits import RunFailure
 
@@ -55,13 +55,14 @@ class Tally:
         return sum(self.excluded.values())
 
 
-def load_results(plans: list[ShardPlan], out: Path) -> list[ShardResult]:
+def load_results(shards: list[tuple[str, str]], out: Path) -> list[ShardResult]:
+    """The sidecar of every (name, plan digest); `IncompleteBuild` when any is missing or stale."""
     results, missing = [], []
-    for plan in plans:
-        side = out / PARTS / f"{plan.name}.json"
+    for name, digest in shards:
+        side = out / PARTS / f"{name}.json"
         result = ShardResult.load(side) if side.exists() else None
-        if result is None or result.plan != plan.digest:
-            missing.append(plan.name)
+        if result is None or result.plan != digest:
+            missing.append(name)
         else:
             results.append(result)
     if missing:
@@ -70,18 +71,14 @@ def load_results(plans: list[ShardPlan], out: Path) -> list[ShardResult]:
     return results
 
 
-def tally(col: Collection, plans: list[ShardPlan], results: list[ShardResult]) -> Tally:
-    t = Tally(Counter(), Counter(), Counter())
-    for plan in plans:
-        for it in plan.items:
-            key = (plan.split, class_of(col.classes, it.label))
-            t.inputs[key] += 1
-            if it.fine:
-                t.regrouped[key][it.fine] += 1
-    for r in col.rejects:
+def tally(listing: Listing, results: list[ShardResult]) -> Tally:
+    t = Tally(Counter(listing.inputs), Counter(), Counter())
+    for key, fine in listing.regrouped.items():
+        t.regrouped[key].update(fine)
+    for r in listing.rejects:
         t.inputs[(r.split, r.cls)] += 1
         t.quarantined[(r.split, r.cls)] += 1
-    for (_, cls), n in col.excluded.items():
+    for (_, cls), n in listing.excluded.items():
         t.inputs[("", cls)] += n
         t.excluded[("", cls)] += n
     for res in results:
@@ -97,22 +94,20 @@ def tally(col: Collection, plans: list[ShardPlan], results: list[ShardResult]) -
     return t
 
 
-def status_counts(col: Collection, plans: list[ShardPlan], results: list[ShardResult]
-                  ) -> dict[str, dict[str, int]]:
+def status_counts(listing: Listing, results: list[ShardResult]) -> dict[str, dict[str, int]]:
     """{status: {inputs, labelled, unlabelled, excluded, quarantined}}; labelled and unlabelled count
     samples written."""
     c: dict[str, Counter] = defaultdict(Counter)
-    for it in (it for plan in plans for it in plan.items):
-        c[it.status]["inputs"] += 1
-        c[it.status]["labelled" if it.labelled else "unlabelled"] += 1
+    for status, n in listing.statuses.items():
+        c[status].update(n)
     for res in results:
         for r in map(_reject, res.rejects):
-            c[r.status]["unlabelled" if res.split == col.unlabelled else "labelled"] -= 1
+            c[r.status]["unlabelled" if res.split == listing.unlabelled else "labelled"] -= 1
             c[r.status]["quarantined"] += 1
-    for r in col.rejects:
+    for r in listing.rejects:
         c[r.status]["inputs"] += 1
         c[r.status]["quarantined"] += 1
-    for (status, _), n in col.excluded.items():
+    for (status, _), n in listing.excluded.items():
         c[status]["inputs"] += n
         c[status]["excluded"] += n
     written = sum(res.num_samples for res in results)
@@ -126,8 +121,8 @@ def _reject(row: list[str]) -> Reject:
     return Reject(*row)  # a sidecar from before statuses were recorded has 4 fields: status "-"
 
 
-def all_rejects(col: Collection, results: list[ShardResult]) -> list[Reject]:
-    return list(col.rejects) + [_reject(r) for res in results for r in res.rejects]
+def all_rejects(listing: Listing, results: list[ShardResult]) -> list[Reject]:
+    return list(listing.rejects) + [_reject(r) for res in results for r in res.rejects]
 
 
 def _tsv(rows: list[list], header: list[str]) -> bytes:
@@ -138,9 +133,9 @@ def _tsv(rows: list[list], header: list[str]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _split_entry(col: Collection, results: list[ShardResult], t: Tally, split: str) -> dict:
+def _split_entry(listing: Listing, results: list[ShardResult], t: Tally, split: str) -> dict:
     mine = [r for r in results if r.split == split and r.num_samples > 0]
-    labelled = split != col.unlabelled
+    labelled = split != listing.unlabelled
     entry = {
         "name": split,
         "labelled": labelled,
@@ -153,37 +148,37 @@ def _split_entry(col: Collection, results: list[ShardResult], t: Tally, split: s
                    for r in mine],
     }
     if labelled:
-        entry["class_counts"] = [t.written[(split, c)] for c in col.classes]
+        entry["class_counts"] = [t.written[(split, c)] for c in listing.classes]
     return entry
 
 
-def write_manifest(col: Collection, results: list[ShardResult], t: Tally, statuses: dict, out: Path,
+def write_manifest(listing: Listing, results: list[ShardResult], t: Tally, statuses: dict, out: Path,
                    build: dict) -> dict:
-    names = [*SPLITS, *([col.unlabelled] if col.unlabelled else [])]
+    names = [*SPLITS, *([listing.unlabelled] if listing.unlabelled else [])]
     info = {
         "format": FORMAT,
         "name": out.resolve().name,
-        "classes": col.classes,
-        "num_classes": len(col.classes),
-        "empty_classes": col.empty_classes,
-        "features": col.feature_names,
-        "splits": {split: _split_entry(col, results, t, split) for split in names},
+        "classes": listing.classes,
+        "num_classes": len(listing.classes),
+        "empty_classes": listing.empty_classes,
+        "features": listing.features,
+        "splits": {split: _split_entry(listing, results, t, split) for split in names},
         "inputs": t.total_inputs,
         "quarantined": t.total_quarantined,
         "excluded": t.total_excluded,
         "statuses": statuses,
         "build": build,
     }
-    _write_reports(col, results, t, statuses, out)
+    _write_reports(listing, results, t, statuses, out)
     # written last: its presence means the shard set is complete
     atomic_write(out / INFO, json.dumps(info, indent=1).encode())
     return info
 
 
-def _write_reports(col: Collection, results: list[ShardResult], t: Tally, statuses: dict, out: Path) -> None:
-    atomic_write(out / "classes.txt", "".join(f"{c}\n" for c in col.classes).encode())
+def _write_reports(listing: Listing, results: list[ShardResult], t: Tally, statuses: dict, out: Path) -> None:
+    atomic_write(out / "classes.txt", "".join(f"{c}\n" for c in listing.classes).encode())
     atomic_write(out / "quarantine.tsv", _tsv(
-        [[r.origin, r.split, r.cls, r.reason, r.status] for r in all_rejects(col, results)],
+        [[r.origin, r.split, r.cls, r.reason, r.status] for r in all_rejects(listing, results)],
         ["path", "split", "class", "reason", "status"]))
     atomic_write(out / "corrections.tsv", _tsv(
         [n for res in results for n in res.notes], ["path", "stored_as"]))

@@ -13,7 +13,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 
-from shards.config import ShardConfig
+from shards.config import ShardConfig, SplitConfig, SplitMethod
 from shards.items import NO_STATUS, SPLITS, Collection, Item
 from shards.keys import stable_hash
 
@@ -30,17 +30,27 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def assign_splits(col: Collection, val: float, test: float, seed: int) -> dict[str, list[Item]]:
-    """Stratified per class unless the source gave each item its split; the unlabelled set last."""
+def key_split(key: str, split: SplitConfig, seed: int) -> str:
+    """`split.method=key_hash`: the key's own hash against the fractions, whatever else is listed."""
+    u = stable_hash(seed, "split", key) / 2.0**64
+    return "test" if u < split.test else "val" if u < split.test + split.val else "train"
+
+
+def assign_splits(col: Collection, split: SplitConfig, seed: int) -> dict[str, list[Item]]:
+    """Stratified per class (or by key hash) unless the source gave each item its split; the
+    unlabelled set last."""
+    val, test = split.val, split.test
     out: dict[str, list[Item]] = {s: [] for s in SPLITS}
     if col.unlabelled:
         out[col.unlabelled] = []
     for it in col.items:
         if it.split:
             out[it.split].append(it)
+        elif split.method == SplitMethod.key_hash:
+            out[key_split(it.key, split, seed)].append(it)
     by_class: dict[int, list[Item]] = defaultdict(list)
     for it in col.items:
-        if not it.split:
+        if not it.split and split.method == SplitMethod.stratified:
             by_class[it.label].append(it)
     for members in by_class.values():
         members.sort(key=lambda it: (stable_hash(seed, "split", it.key), it.key))
@@ -59,20 +69,22 @@ def _size(path: str) -> int:
         return 0  # missing or unreadable: the writer quarantines it
 
 
-def make_plan(col: Collection, cfg: ShardConfig) -> list[ShardPlan]:
-    splits = assign_splits(col, cfg.split.val, cfg.split.test, cfg.seed)
+def make_plan(col: Collection, cfg: ShardConfig, prefix: str = "") -> list[ShardPlan]:
+    """The shards of `col`, named SPLIT-PREFIXNNNNNN.tar (a partitioned task's prefix: its number)."""
+    splits = assign_splits(col, cfg.split, cfg.seed)
     settings = json.dumps([cfg.resize.max_side, cfg.resize.quality, cfg.max_pixels,
                            col.classes, col.feature_names])
     plans = []
     for split, members in splits.items():
-        # WebDataset readers shuffle only inside a buffer: shuffle globally here
+        # WebDataset readers shuffle only inside a buffer: shuffle the whole listing (a partitioned
+        # task's share, itself a uniform sample of the collection) here
         items = sorted(members, key=lambda it: (stable_hash(cfg.seed, "order", it.key), it.key))
         # one stat per file: it both cuts the shards and enters their digests
         sizes = {it.key: _size(it.path) for it in items}
         # samples of the unlabelled set have no .cls: a shard that changes sides must be rewritten
         layout = settings if split in SPLITS else f"{settings}\nunlabelled"
         for index, chunk in enumerate(_chunks(items, sizes, cfg.shard.maxcount, cfg.shard.maxsize)):
-            name = f"{split}-{index:06d}.tar"
+            name = f"{split}-{prefix}{index:06d}.tar"
             plans.append(ShardPlan(name, split, tuple(chunk), _digest(name, chunk, sizes, layout)))
     return plans
 

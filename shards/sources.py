@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 from shards.classes import class_name_problem, load_class_map, read_class_list, shown
 from shards.config import DemoSource, ImageFolderSource, ImagesSource, SourceConfig
 from shards.items import UNLABELLED, Collection, Item, Reject, dedupe
-from shards.keys import key_from_path
+from shards.keys import WHOLE, Part, key_from_path
 from shards.table_source import from_csv
 from trainer.runtime.exits import ConfigError
 
@@ -34,7 +35,9 @@ def _root(given: str) -> Path:
     return root
 
 
-def from_imagefolder(cfg: ImageFolderSource) -> Collection:
+def from_imagefolder(cfg: ImageFolderSource, part: Part = WHOLE) -> Collection:
+    """Class folders; with `part`, only the files of that share (the class list stays the whole one:
+    it is read from the folder names)."""
     root = _root(cfg.root)
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
     # each file of a folder whose name cannot be a class is an input of its own, quarantined
@@ -46,32 +49,31 @@ def from_imagefolder(cfg: ImageFolderSource) -> Collection:
     mapping = load_class_map(cfg.class_map, set(found), pinned)
     coarse = {d: mapping.get(d, d) for d in found}
     classes = pinned or sorted(set(coarse.values()))
-    rejects = [Reject(f, "", "", "file outside any class folder") for f in stray]
-    rejects += [Reject(shown(f.relative_to(root).as_posix()), "", shown(d), class_name_problem(d))
-                for d in odd for f in walk(root / d)]
+    rejects = [Reject(f, "", "", "file outside any class folder")
+               for f in stray if part.takes(key_from_path(f))]
+    rejects += [Reject(shown(rel), "", shown(d), class_name_problem(d))
+                for d in odd for rel in walk(root, d, part)]
     # each file of an unlisted class folder is an input of its own, so each is reported
-    rejects += [Reject(f.relative_to(root).as_posix(), "", d, f"class {d!r} not in {cfg.classes}")
-                for d in found if coarse[d] not in classes for f in walk(root / d)]
+    rejects += [Reject(rel, "", d, f"class {d!r} not in {cfg.classes}")
+                for d in found if coarse[d] not in classes for rel in walk(root, d, part)]
     index = {c: i for i, c in enumerate(classes)}
     items = []
     for d in (d for d in found if coarse[d] in index):
         fine = d if coarse[d] != d else ""
-        for f in walk(root / d):
-            rel = f.relative_to(root).as_posix()
-            items.append(Item(key_from_path(rel), str(f), rel, index[coarse[d]], None, fine=fine))
+        for rel in walk(root, d, part):
+            items.append(Item(key_from_path(rel), str(root / rel), rel, index[coarse[d]], None, fine=fine))
     counts = Counter(it.label for it in items)
     empty = [c for i, c in enumerate(classes) if not counts[i]]
     return Collection(classes, dedupe(items, rejects, classes), rejects, empty, class_map=mapping)
 
 
-def from_images(cfg: ImagesSource) -> Collection:
-    """Every image file under `root`, unlabelled; keys from the relative paths."""
+def from_images(cfg: ImagesSource, part: Part = WHOLE) -> Collection:
+    """Every image file under `root` (of the share `part`), unlabelled; keys from the relative paths."""
     root = _root(cfg.root)
     items, rejects = [], []
-    for f in walk(root):
-        rel = f.relative_to(root).as_posix()
-        if f.suffix.lower() in IMAGE_SUFFIXES:
-            items.append(Item(key_from_path(rel), str(f), rel, UNLABELLED, cfg.unlabelled))
+    for rel in walk(root, "", part):
+        if Path(rel).suffix.lower() in IMAGE_SUFFIXES:
+            items.append(Item(key_from_path(rel), str(root / rel), rel, UNLABELLED, cfg.unlabelled))
         else:
             rejects.append(Reject(shown(rel), cfg.unlabelled, "", "not an image file"))
     # pinned classes: the ones a model trained elsewhere will predict; none otherwise
@@ -79,27 +81,33 @@ def from_images(cfg: ImagesSource) -> Collection:
     return Collection(classes, dedupe(items, rejects, classes), rejects, unlabelled=cfg.unlabelled)
 
 
-def walk(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+def walk(root: Path, sub: str = "", part: Part = WHOLE) -> Iterator[str]:
+    """Paths relative to `root` of the files under `root/sub`, sorted, hidden ones left out; with
+    `part`, only that share's. A generator: a partitioned task holds one folder's names at a time."""
+    for dirpath, dirnames, filenames in os.walk(root / sub):
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        out += [Path(dirpath) / f for f in sorted(filenames) if not _hidden(f)]
-    return out
+        base = Path(dirpath).relative_to(root).as_posix()
+        for f in sorted(filenames):
+            rel = f if base == "." else f"{base}/{f}"
+            if not _hidden(f) and (part.count == 1 or part.takes(key_from_path(rel))):
+                yield rel
 
 
-def from_demo(cfg: DemoSource) -> Collection:
+def from_demo(cfg: DemoSource, part: Part = WHOLE) -> Collection:
     from shards.demo import MEASURE_NAMES, read_measures, write_demo_digits
 
     root = write_demo_digits(Path(cfg.root).expanduser())
-    found = from_imagefolder(ImageFolderSource(root=str(root), classes=cfg.classes, class_map=cfg.class_map))
+    found = from_imagefolder(ImageFolderSource(root=str(root), classes=cfg.classes, class_map=cfg.class_map),
+                             part)
     measures = read_measures(root)  # the instrument-like native features of every digit
     found.items = [replace(it, features=measures[it.rel]) for it in found.items]
     found.feature_names = list(MEASURE_NAMES)
     return found
 
 
-def collect(cfg: SourceConfig) -> Collection:
+def collect(cfg: SourceConfig, part: Part = WHOLE) -> Collection:
+    """The collection `cfg` names, or one array task's share of it (`part`)."""
     readers = {"imagefolder": from_imagefolder, "csv": from_csv, "demo": from_demo, "images": from_images}
     if cfg.kind not in readers:
         raise ConfigError(f"source.kind: unknown source {cfg.kind!r} ({' | '.join(readers)})")
-    return readers[cfg.kind](cfg)
+    return readers[cfg.kind](cfg, part)

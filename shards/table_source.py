@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shards.classes import class_name_problem, load_class_map, read_class_list, shown
 from shards.config import CsvSource
 from shards.ecotaxa import is_type_row, kept_statuses, row_status, status_column
 from shards.items import UNLABELLED, Collection, Item, Reject, dedupe
-from shards.keys import key_from_id, key_from_path
+from shards.keys import WHOLE, Part, key_from_id, key_from_path
 from shards.tables import Table, read_table
 from trainer.runtime.exits import ConfigError
 
@@ -48,18 +49,53 @@ class _Row:
     features: tuple[float, ...]
 
 
-def from_csv(cfg: CsvSource) -> Collection:
-    table = read_table(Path(cfg.path).expanduser(), cfg.delimiter, "source.path")
+def from_csv(cfg: CsvSource, part: Part = WHOLE) -> Collection:
+    """The table's rows as a collection; with `part` (an array task of a partitioned build), the rows of
+    that share only, read in one streamed pass, while the class list stays the whole table's."""
+    table = read_table(Path(cfg.path).expanduser(), cfg.delimiter, "source.path", stream=part.count > 1)
     _check_columns(cfg, table)
     status_col = status_column(cfg.status_column, table.header, table.path)
-    records = _records(table)
+    pinned = read_class_list(cfg.classes) if cfg.classes else None
+    ctx = _Context(cfg, table.path, status_col, kept_statuses(cfg.keep_status), pinned, {})
+    if part.count == 1:
+        records = list(_records(table))
+        named, labels = {_label(cfg, rec) for _, rec in records} - {""}, None
+    else:
+        records, named, labels = _share(ctx, _records(table), part)
     if cfg.key_column:
         _check_ids(records, cfg.key_column, table.path)
-    pinned = read_class_list(cfg.classes) if cfg.classes else None
-    named = {_label(cfg, rec) for _, rec in records} - {""}
-    mapping = load_class_map(cfg.class_map, named, pinned)
-    ctx = _Context(cfg, table.path, status_col, kept_statuses(cfg.keep_status), pinned, mapping)
-    return _collection(ctx, records)
+    ctx = replace(ctx, mapping=load_class_map(cfg.class_map, named, pinned))
+    classes = None if labels is None else pinned or sorted({ctx.mapping.get(s, s) for s in labels})
+    return _collection(ctx, records, classes)
+
+
+def _share(ctx: _Context, records: Iterator[Record], part: Part) -> tuple[list[Record], set[str], set[str]]:
+    """(the rows `part` takes, every label the table names, the labels of every row that becomes a
+    labelled item): the class list is the whole table's, so that every task numbers classes alike.
+    Rows go to tasks by sample key, so the rows of one id meet in one task's duplicate check."""
+    mine, named, labels = [], set(), set()
+    for line, rec in records:
+        label = _label(ctx.cfg, rec)
+        if label:
+            named.add(label)
+        if part.takes(_partition_key(ctx.cfg, rec, f"{ctx.table}:{line}")):
+            mine.append((line, rec))
+        if ctx.pinned is None and label not in labels:
+            # without a pinned list, whether a row becomes an item never depends on the class map
+            status = row_status(rec, ctx.status_column, f"{ctx.table}:{line}")
+            labelled = _is_labelled(ctx, status, label)
+            if labelled and isinstance(_row(ctx, rec, line, label, status, labelled), _Row):
+                labels.add(label)
+    return mine, named, labels
+
+
+def _partition_key(cfg: CsvSource, rec: dict[str, str], where: str) -> str:
+    """The row's sample key (the item's own, see `_item`), or its place for a row that has none."""
+    source_id = (rec.get(cfg.key_column) or "").strip() if cfg.key_column else ""
+    rel = (rec.get(cfg.path_column) or "").strip()
+    if cfg.key_column:
+        return key_from_id(source_id) if source_id else where
+    return key_from_path(rel) if rel else where
 
 
 def _check_columns(cfg: CsvSource, table: Table) -> None:
@@ -71,12 +107,12 @@ def _check_columns(cfg: CsvSource, table: Table) -> None:
             raise ConfigError(f"{key}: column {col!r} not in {table.path} (columns: {table.header})")
 
 
-def _records(table: Table) -> list[Record]:
+def _records(table: Table) -> Iterator[Record]:
     """Every data row by column name; an EcoTaxa type row (only ever the first) is left out."""
-    rows = table.rows
-    if rows and is_type_row(table.header, rows[0][1], f"{table.path}:{rows[0][0]}"):
-        rows = rows[1:]
-    return [(line, table.record(cells)) for line, cells in rows]
+    for i, (line, cells) in enumerate(table.rows):
+        if i == 0 and is_type_row(table.header, cells, f"{table.path}:{line}"):
+            continue
+        yield line, table.record(cells)
 
 
 def _check_ids(records: list[Record], column: str, table: Path) -> None:
@@ -99,7 +135,8 @@ def _label(cfg: CsvSource, rec: dict[str, str]) -> str:
     return (rec.get(cfg.label_column) or "").strip() if cfg.label_column else ""
 
 
-def _collection(ctx: _Context, records: list[Record]) -> Collection:
+def _collection(ctx: _Context, records: list[Record], classes: list[str] | None = None) -> Collection:
+    """The items of `records`; `classes`: the class list when it was taken from more rows than these."""
     labelled, unlabelled, rejects, excluded = [], [], [], Counter()
     for line, rec in records:
         status = row_status(rec, ctx.status_column, f"{ctx.table}:{line}")
@@ -112,7 +149,8 @@ def _collection(ctx: _Context, records: list[Record]) -> Collection:
             (rejects if isinstance(row, Reject) else unlabelled).append(row)
         else:
             excluded[(status, shown(label))] += 1
-    classes = ctx.pinned or sorted({ctx.mapping.get(r.label, r.label) for r in labelled})
+    if classes is None:
+        classes = ctx.pinned or sorted({ctx.mapping.get(r.label, r.label) for r in labelled})
     index = {c: i for i, c in enumerate(classes)}
     items = [_item(ctx, r, index[ctx.mapping.get(r.label, r.label)]) for r in labelled]
     counts = Counter(it.label for it in items)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from trainer.runtime.exits import ConfigError
 class Table:
     path: Path
     header: list[str]
-    rows: list[tuple[int, list[str]]]  # (line of the row's last physical line, cells)
+    # (line of the row's last physical line, cells): a list, or a single-pass iterator when streamed
+    rows: Iterable[tuple[int, list[str]]]
 
     def record(self, cells: list[str]) -> dict[str, str]:
         """`cells` by column name; a short row lacks its last columns (`.get` gives None)."""
@@ -28,18 +30,25 @@ def delimiter(path: Path, first_line: str, given: str | None) -> str:
     return max(counts, key=counts.get)
 
 
-def read_table(path: Path, given: str | None, key: str) -> Table:
-    """The whole table; `key` (the setting that named it) opens every error message."""
+def read_table(path: Path, given: str | None, key: str, stream: bool = False) -> Table:
+    """The whole table, or (`stream`) its header and an iterator over its rows, read once, so that a
+    table larger than memory can be filtered; `key` (the setting that named it) opens every error message."""
     if not path.is_file():
         raise ConfigError(f"{key}: {path} is not a file")
+    rows = _rows(path, given, key)
+    header = next(rows)
+    return Table(path, header, rows if stream else list(rows))
+
+
+def _rows(path: Path, given: str | None, key: str) -> Iterator:
+    """The header, then (line, cells) of every non-empty row."""
     try:
         # utf-8-sig: a BOM (EcoTaxa writes one) must not become part of the first column's name
         with path.open(newline="", encoding="utf-8-sig") as fh:
             first = fh.readline()
             fh.seek(0)
             reader = csv.reader(fh, delimiter=delimiter(path, first, given))
-            header = next(reader, [])
-            rows = [(reader.line_num, cells) for cells in reader if cells]
+            yield next(reader, [])
+            yield from ((reader.line_num, cells) for cells in reader if cells)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise ConfigError(f"{key}: cannot read {path}: {err}") from None
-    return Table(path, header, rows)

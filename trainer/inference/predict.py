@@ -74,10 +74,10 @@ def list_images(root: Path) -> tuple[list[str], Counter]:
     if not root.is_dir():
         raise ConfigError(f"input: {root} is neither a folder of images nor a shard directory (_info.json)")
     found, skipped = [], Counter()
-    for f in walk(root):
-        suffix = f.suffix.lower()
+    for rel in walk(root):
+        suffix = Path(rel).suffix.lower()
         if suffix in DECODED or suffix in CONVERTED:
-            found.append(f.relative_to(root).as_posix())
+            found.append(rel)
         else:
             skipped[suffix or "(none)"] += 1
     if not found:
