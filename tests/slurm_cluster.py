@@ -126,6 +126,19 @@ def wait_job(job_id: int, timeout: float = QUEUE_S, states: frozenset[str] = TER
 REVOKE_MARGIN_S = 2.0  # seconds a requeued job pends before its forced restart: see requeue_now
 
 
+def wait_job_hurrying_requeues(job_id: int, timeout: float = QUEUE_S) -> dict[str, str]:
+    """`wait_job` for a job that requeues itself (a time limit): each time it pends again, `requeue_now`
+    skips its BeginTime wait (cred_expire + 1 s), so each restart costs the restart, not the wait. The
+    job still signals, checkpoints and requeues itself: only the queue is hurried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(1.0, deadline - time.monotonic())
+        info = wait_job(job_id, left, TERMINAL | {"PENDING"})
+        if info["JobState"] in TERMINAL:
+            return info
+        requeue_now(job_id, int(info.get("Restarts", "0")), max(1.0, deadline - time.monotonic()))
+
+
 def requeue(job_id: int, timeout: float = QUEUE_S) -> dict[str, str]:
     """`scontrol requeue` a running job, then requeue_now: returns its info once it runs again."""
     restarts = int(job_info(job_id).get("Restarts", "0"))

@@ -276,8 +276,14 @@ def test_a_rerun_resumes_its_evaluation_and_another_split_is_another_run(wandb_b
     assert run_evaluate(test) == 0
     assert run_evaluate(test) == 0
     assert run_evaluate(evaluation(shards, bag, tmp_path, split="val", plots=False)) == 0
-    ids = [run_record(recs).run_id for recs in offline_runs(tmp_path).values()]
-    assert len(ids) == 3 and ids[0] == ids[1] != ids[2]  # started in this order (offline-run-<time>)
+    runs = [run_record(recs) for recs in offline_runs(tmp_path).values()]
+    # by name, not by folder order: offline-run-<time> has whole seconds, and two runs of one second
+    # sort by their ids
+    by_name = {n: [r.run_id for r in runs if r.display_name == n] for n in {r.display_name for r in runs}}
+    tests, vals = by_name.pop("plankton/evaluate-test"), by_name.pop("plankton/evaluate-val")
+    assert not by_name and len(tests) == 2 and len(vals) == 1
+    assert tests[0] == tests[1] != vals[0]
+    ids = [tests[0], vals[0]]
     # settings that change no number keep the id; those that change numbers or the folder do not
     same = wandb_report.evaluation_id(replace(test, workers=2, batch_size=3, plots=True))
     others = {wandb_report.evaluation_id(c) for c in (replace(test, tta="hflip"), replace(test, out=str(bag)),
