@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # the set built; every size is its first shards (default: the largest size)
     parser.add_argument("--built", type=int, default=None)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--modes", nargs="+", choices=("single", "parts"), default=["single", "parts"])
     parser.add_argument("--cache", type=Path, default=Path("/tmp/predict_memory"))
     return parser.parse_args(argv)
 
@@ -157,19 +159,21 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(args.repeats):  # interleaved: a slow moment of the shared machine hits every row
         for n, shard_dir in sets.items():
-            for mode in ("single", "parts"):
+            for mode in args.modes:
                 out = args.cache / "out" / f"{mode}-{n}-{r}" / ("p.tsv" if mode == "single" else "parts")
+                # a rerun into an earlier run's folder would skip its finished parts: always start empty
+                shutil.rmtree(out.parent, ignore_errors=True)
                 results.setdefault((mode, n), []).append(predict(bag_dir, shard_dir, out, mode == "parts",
                                                                  args.batch))
     print(f"machine: {machine()}")
     print(f"command: python benchmarks/predict_memory.py {' '.join(argv or sys.argv[1:])}")
     print(table(["mode", "images>", "peak RSS MiB (mean)>", "spread>", "seconds (mean)>", "vs smallest>"],
-                rows(results, args.sizes)))
+                rows(results, args.sizes, args.modes)))
 
 
-def rows(results: dict, sizes: list[int]) -> list[list[str]]:
+def rows(results: dict, sizes: list[int], modes: list[str]) -> list[list[str]]:
     out = []
-    for mode in ("single", "parts"):
+    for mode in modes:
         base = statistics.mean(m for m, _ in results[(mode, sizes[0])])
         for n in sizes:
             peaks = [m for m, _ in results[(mode, n)]]
